@@ -112,7 +112,7 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -127,6 +127,8 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
     entry = _REGISTRY[op]
     if backend == "reference":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if backend == "triton":
         if not entry.has_triton:
             return f"{op} has no Triton kernel"

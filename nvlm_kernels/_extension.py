@@ -13,7 +13,7 @@ import importlib
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[object | None, str | None]:
     try:
         module = importlib.import_module("nvlm_kernels._C")

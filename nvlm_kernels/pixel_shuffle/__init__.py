@@ -55,13 +55,10 @@ def _check_input(x: torch.Tensor, downscale: int, name: str = "x") -> int:
     side = math.isqrt(length)
     if side * side != length:
         hint = " (is the CLS token still there? pass x[:, 1:])" if math.isqrt(length - 1) ** 2 == length - 1 else ""
-        raise ValueError(
-            f"{name}.shape[1] must be a square number of tokens L = side*side, got L={length}{hint}"
-        )
+        raise ValueError(f"{name}.shape[1] must be a square number of tokens L = side*side, got L={length}{hint}")
     if side % downscale:
         raise ValueError(
-            f"{name}: the token grid side ({side}, from L={length}) must be divisible by "
-            f"1/scale_factor = {downscale}"
+            f"{name}: the token grid side ({side}, from L={length}) must be divisible by 1/scale_factor = {downscale}"
         )
     return side
 

@@ -1,0 +1,77 @@
+"""Tolerance helpers shared by tests and benchmarks (design.md §5).
+
+* Pointwise / norms: ``assert_close_pointwise`` with one per-dtype table (torch's defaults).
+* Attention / GEMM-like: FlashAttention's rule, ``assert_close_flash``: with ``ref_hi`` the reference
+  in fp64 and ``ref_lo`` the same reference computed in the kernel's dtype,
+  ``max|out - ref_hi| <= factor * max|ref_lo - ref_hi| + floor``. It adapts to shape and dtype.
+* Data movement: exact (``torch.equal``), no helper needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol): torch.testing's defaults for each dtype.
+POINTWISE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for pointwise comparisons in ``dtype``."""
+    try:
+        return POINTWISE_TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance defined for dtype {dtype}") from None
+
+
+def assert_close_pointwise(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None) -> None:
+    rtol, atol = tolerance(dtype or actual.dtype)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
+
+
+def flash_error_bound(ref_lo: torch.Tensor, ref_hi: torch.Tensor, *, factor: float = 2.0, floor: float = 1e-5) -> float:
+    """``factor * max|ref_lo - ref_hi| + floor`` (the allowed max abs error of a kernel output)."""
+    return factor * (ref_lo.double() - ref_hi.double()).abs().max().item() + floor
+
+
+def assert_close_flash(
+    out: torch.Tensor,
+    ref_lo: torch.Tensor,
+    ref_hi: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float = 1e-5,
+    name: str = "output",
+) -> None:
+    """FlashAttention's accuracy rule: the kernel may be at most ``factor`` times as far from the
+    fp64 truth as the reference computed in the kernel's own dtype, plus a small floor."""
+    if out.shape != ref_hi.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref_hi.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: non-finite values in the kernel output")
+    err = (out.double() - ref_hi.double()).abs().max().item() if out.numel() else 0.0
+    bound = flash_error_bound(ref_lo, ref_hi, factor=factor, floor=floor) if out.numel() else floor
+    if err > bound:
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} exceeds {factor}x the reference's own error ({bound:.3e})"
+        )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (floating) so unwritten outputs are caught by comparisons."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+def require_backend(op: str, backend: str, device: str) -> None:
+    """In a pytest test: skip, giving the reason, when ``backend`` cannot run ``op`` on ``device`` here."""
+    import pytest
+
+    from nvlm_kernels import available_backends
+
+    reason = available_backends(op, device)[backend]
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable for {op} on {device}: {reason}")
