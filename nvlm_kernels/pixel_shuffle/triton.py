@@ -167,22 +167,24 @@ def pixel_shuffle_bwd(grad_out: torch.Tensor, downscale: int, v2: bool) -> torch
 
 
 def aot_specs() -> list[dict]:
-    """Kernels and signatures for ahead-of-time compilation (tools/triton_aot.py), at NVLM settings."""
+    """Kernels and signatures for ahead-of-time compilation (tools/triton_aot.py) at the NVLM shape
+    [T, 1024 (CLS view), 3200]. The specialization mirrors what the JIT does on a GPU: unit channel
+    strides become constants, and pointers and strides divisible by 16 are marked so."""
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
         for name, kernel in (("fwd", _pixel_shuffle_fwd_kernel), ("bwd", _pixel_shuffle_bwd_kernel)):
-            block_t, block_c = _TILE_ELEMENTS_GPU // 128, 128
-            signature = {
-                **{a: f"*{dtype}" for a in kernel.arg_names[:2]},
-                **{a: "i32" for a in kernel.arg_names[2:12]},
-            }
+            args = kernel.arg_names
+            unit_strides = (args[8], args[11])  # channel strides of the two tensors
             specs.append(
                 {
                     "name": f"pixel_shuffle_{name}[{dtype}]",
                     "fn": kernel,
-                    "signature": signature,
-                    "constexprs": {"r": 2, "V2": True, "BLOCK_T": block_t, "BLOCK_C": block_c},
+                    "signature": {a: (f"*{dtype}" if i < 2 else "i32") for i, a in enumerate(args[:12])},
+                    "constexprs": {"r": 2, "V2": True, "BLOCK_T": 32, "BLOCK_C": 128, **dict.fromkeys(unit_strides, 1)},
+                    "divisible_by_16": [a for a in args[:12] if a not in (*unit_strides, "total_tokens", "side")],
                     "num_warps": 4,
+                    # memory bound: the loads and stores must be 16-byte vectors
+                    "expect_ptx": {90: ["ld.global.v4", "st.global.v4"], 80: ["ld.global.v4", "st.global.v4"]},
                 }
             )
     return specs
