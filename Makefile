@@ -1,0 +1,70 @@
+# nvlm-kernels: the single entry point for development, CI and benchmarks.
+#   make test        .venv (pinned CPU deps), build the extension, run the suite (Triton via its interpreter)
+#   make bench       the microbenchmark suite on whatever device is here; writes bench/results/local/
+#   make cuda-check  .venv-cuda (torch 2.14.1 CUDA 13.0 + pip nvcc): real CUDA build for sm_80/sm_90a, no GPU needed
+#   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8
+#   make lint        ruff
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+VENV_CUDA := .venv-cuda
+PY := $(VENV)/bin/python
+PY_CUDA := $(VENV_CUDA)/bin/python
+export MAX_JOBS ?= 2
+# Never let pip build the extension in an isolated environment (it would fetch a 5 GB CUDA torch).
+PIP_INSTALL_EDITABLE := pip install -e . --no-build-isolation --no-deps -q
+PYTEST_ARGS ?=
+
+.PHONY: all venv venv-cuda build test bench bench-pytest cuda-check triton-aot lint info clean
+
+all: test
+
+$(VENV)/.stamp: requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/dev.txt
+	touch $@
+
+$(VENV_CUDA)/.stamp: requirements/cuda.txt
+	$(PYTHON) -m venv $(VENV_CUDA)
+	$(PY_CUDA) -m pip install -q -r requirements/cuda.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+venv-cuda: $(VENV_CUDA)/.stamp
+
+# Rebuilt whenever a C++/CUDA source or the build script changes.
+CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
+$(VENV)/.build-stamp: $(VENV)/.stamp $(CSRC)
+	$(PY) -m $(PIP_INSTALL_EDITABLE)
+	touch $@
+
+build: $(VENV)/.build-stamp
+
+# pytest exit 5 = no tests collected: a suite that ran nothing must not pass.
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q $(PYTEST_ARGS) || { rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc; }
+
+bench: build
+	$(PY) bench/run_all.py
+
+bench-pytest: build
+	$(PY) -m pytest bench --benchmark-only -q
+
+cuda-check: venv-cuda
+	bash tools/cuda_check.sh
+
+triton-aot: venv venv-cuda
+	$(PY) tools/triton_aot.py
+	$(PY_CUDA) tools/triton_aot.py
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+info: build
+	$(PY) -m nvlm_kernels.info
+
+clean:
+	rm -rf build dist *.egg-info nvlm_kernels/_C*.so $(VENV)/.build-stamp
