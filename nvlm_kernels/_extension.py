@@ -32,6 +32,13 @@ def load_error() -> str | None:
     return _load()[1]
 
 
+def require() -> None:
+    """Raise ``RuntimeError`` with the reason when the extension is not loaded."""
+    err = load_error()
+    if err:
+        raise RuntimeError(err)
+
+
 def is_loaded() -> bool:
     return _load()[0] is not None
 
