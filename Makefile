@@ -43,7 +43,7 @@ build: $(VENV)/.build-stamp
 
 # pytest exit 5 = no tests collected: a suite that ran nothing must not pass.
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q $(PYTEST_ARGS) || { rc=$$?; \
+	TRITON_INTERPRET=1 NVLM_KERNELS_EXPECT_EXTENSION=$(if $(filter 0,$(NVLM_KERNELS_BUILD_EXT)),0,1) $(PY) -m pytest tests -q $(PYTEST_ARGS) || { rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc; }
 
 bench: build

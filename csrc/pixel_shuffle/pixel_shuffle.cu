@@ -25,12 +25,16 @@ void run_cuda(const CopyPlan& plan) {
     const bool contiguous = g.unshuffled_stride_c == 1 && g.shuffled_stride_c == 1;
     if (plan.forward && contiguous) {
       pixel_shuffle_kernel<Unit, true, true><<<grid, block, 0, stream>>>(source, destination, g);
-    } else if (plan.forward) {
-      pixel_shuffle_kernel<Unit, true, false><<<grid, block, 0, stream>>>(source, destination, g);
     } else if (contiguous) {
       pixel_shuffle_kernel<Unit, false, true><<<grid, block, 0, stream>>>(source, destination, g);
+    } else if constexpr (sizeof(Unit) <= 8) {  // units wider than an element imply contiguous channels
+      if (plan.forward) {
+        pixel_shuffle_kernel<Unit, true, false><<<grid, block, 0, stream>>>(source, destination, g);
+      } else {
+        pixel_shuffle_kernel<Unit, false, false><<<grid, block, 0, stream>>>(source, destination, g);
+      }
     } else {
-      pixel_shuffle_kernel<Unit, false, false><<<grid, block, 0, stream>>>(source, destination, g);
+      TORCH_CHECK(false, "nvlm_C.pixel_shuffle: internal error: 16-byte units with strided channels");
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import nvlm_kernels
-from nvlm_kernels import _backend, _nvtx
+from nvlm_kernels import _backend, _extension, _nvtx
 
 
 def test_auto_on_cpu_is_reference(monkeypatch):
@@ -70,11 +71,33 @@ def test_available_backends_reports_reasons():
         nvlm_kernels.available_backends("flash", "cpu")
 
 
-def test_info_runs():
+def test_info_runs(tmp_path):
+    # cwd outside the checkout, so the subprocess imports the same installed package as the tests
     out = subprocess.run(
-        [sys.executable, "-m", "nvlm_kernels.info"], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-m", "nvlm_kernels.info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=tmp_path,
     ).stdout
     assert "pixel_shuffle:" in out and "auto picks" in out and "reference  yes" in out
+    expected = "extension: loaded" if _extension.is_loaded() else "extension: the extension"
+    assert expected in out
+
+
+@pytest.mark.skipif(
+    os.environ.get("NVLM_KERNELS_EXPECT_EXTENSION") != "1",
+    reason="only where the build is known to include the extension (make test, make cuda-check, gpu_check.sh "
+    "set NVLM_KERNELS_EXPECT_EXTENSION=1)",
+)
+def test_extension_is_built_where_expected():
+    """Where the extension was built, the cuda-backend tests must not silently skip for lack of it."""
+    assert _extension.load_error() is None
+    assert nvlm_kernels.available_backends("pixel_shuffle", "cpu")["cuda"] is None
+    if os.environ.get("NVLM_KERNELS_EXPECT_CUDA_KERNELS") == "1":
+        assert _extension.built_with_cuda(), "the extension was expected to carry CUDA kernels"
+        assert _extension.has_kernel("nvlm_C::pixel_shuffle_fwd", "CUDA")
 
 
 def test_nvtx_range_labels(monkeypatch):

@@ -253,3 +253,98 @@ def test_raw_op_validates_too():
         torch.ops.nvlm_kernels.pixel_shuffle(torch.randn(1, 64, 8), 1, True)
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.nvlm_kernels.pixel_shuffle_bwd(torch.randn(1, 16, 30), 2, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the compiled kernel's copy-unit choice (16-byte vectors where the addresses allow it)
+
+
+def _copy_unit(x: torch.Tensor) -> int:
+    from nvlm_kernels.pixel_shuffle import cuda as ext
+
+    return ext.copy_unit_bytes(x, 2, True)
+
+
+@pytest.mark.parametrize(
+    "dtype, channels, view, unit",
+    [
+        (torch.bfloat16, 3200, "cls", 16),  # NVLM: the CLS-dropped view of [T, 1025, 3200] is vectorized
+        (torch.float16, 1024, "cls", 16),  # InternViT-300M
+        (torch.float32, 3200, "cls", 16),
+        (torch.float64, 3, "full", 8),  # 24-byte rows: 8-byte units
+        (torch.float16, 6, "full", 4),  # 12-byte rows: 4-byte units
+        (torch.float16, 5, "full", 2),  # 10-byte rows: element-wise
+        (torch.float16, 8, "offset", 2),  # storage offset of one element: element-wise
+        (torch.float32, 8, "transposed", 4),  # strided channels: element-wise
+    ],
+)
+def test_copy_unit_choice_and_exactness(device, dtype, channels, view, unit):
+    """Each copy-unit path of the compiled kernel is taken where expected, and each is exact."""
+    require_backend(OP, "cuda", device)
+    gen = torch.Generator().manual_seed(channels)
+    if view == "cls":
+        x = torch.randn(2, 65, channels, generator=gen).to(dtype=dtype, device=device)[:, 1:]
+    elif view == "offset":
+        x = torch.randn(2 * 64 * channels + 1, generator=gen).to(dtype=dtype, device=device)[1:].view(2, 64, channels)
+    elif view == "transposed":
+        x = torch.randn(2, channels, 64, generator=gen).to(dtype=dtype, device=device).transpose(1, 2)
+    else:
+        x = torch.randn(2, 64, channels, generator=gen).to(dtype=dtype, device=device)
+    assert _copy_unit(x) == unit
+    with nvlm_kernels.use_backend("cuda"):
+        for version in ("v1", "v2"):
+            v2 = version == "v2"
+            y = nvlm_kernels.pixel_shuffle(x, 0.5, version)
+            assert torch.equal(y, shuffle_by_index_map(x, 2, v2))
+            g = torch.randn(y.shape, generator=gen).to(dtype=dtype, device=device)
+            if view == "transposed":
+                g = g.transpose(1, 2).contiguous().transpose(1, 2)
+            assert torch.equal(torch.ops.nvlm_kernels.pixel_shuffle_bwd(g, 2, v2), unshuffle_by_index_map(g, 2, v2))
+
+
+def test_nvlm_shape_uses_16_byte_units(device):
+    require_backend(OP, "cuda", device)
+    vit_out = torch.empty(7, 1025, 3200, dtype=torch.bfloat16, device=device)
+    assert _copy_unit(vit_out[:, 1:]) == 16
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda ops: ops.pixel_shuffle_fwd(torch.randn(64, 8), 2, True), ["'x'", "3 dims"]),
+        (lambda ops: ops.pixel_shuffle_fwd(torch.randn(1, 65, 8), 2, True), ["'x'", "square"]),
+        (lambda ops: ops.pixel_shuffle_fwd(torch.randn(1, 36, 8), 4, True), ["'x'", "divisible"]),
+        (lambda ops: ops.pixel_shuffle_fwd(torch.randn(1, 64, 8), 1, True), ["'downscale'"]),
+        (lambda ops: ops.pixel_shuffle_bwd(torch.randn(1, 16, 30), 2, True), ["'grad_out'"]),
+    ],
+)
+def test_compiled_ops_validate_their_arguments(call, words):
+    """The private nvlm_C ops reject bad input with a ValueError naming the argument, never a crash."""
+    require_backend(OP, "cuda", "cpu")
+    with pytest.raises(ValueError) as info:
+        call(torch.ops.nvlm_C)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    with pytest.raises(TypeError, match="'x'"):
+        torch.ops.nvlm_C.pixel_shuffle_fwd(torch.randint(0, 9, (1, 64, 8)), 2, True)
+
+
+@pytest.mark.gpu
+def test_int64_offsets_on_gpu(backend):
+    """More than 2^31 elements: offsets must not wrap. Sampled tokens are checked against the index map."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device with ~10 GB free (two 4.3 GB tensors)")
+    require_backend(OP, backend, "cuda")
+    if backend == "reference":
+        pytest.skip("the reference is torch's own permute; the int64 concern is the kernels'")
+    n, length, channels = 1040, 1024, 2048  # 2.18e9 elements > 2^31
+    x = torch.empty(n, length, channels, dtype=torch.bfloat16, device="cuda")
+    x.view(torch.int16).copy_(
+        torch.arange(n * length, device="cuda", dtype=torch.int32).view(n, length, 1).to(torch.int16)
+    )
+    with nvlm_kernels.use_backend(backend):
+        y = nvlm_kernels.pixel_shuffle(x)
+    for image in (0, n // 2, n - 1):
+        assert torch.equal(y[image], shuffle_by_index_map(x[image : image + 1], 2, True)[0])
+    del x, y
+    torch.cuda.empty_cache()
