@@ -3,6 +3,7 @@
 #   make bench       the microbenchmark suite on whatever device is here; writes bench/results/local/
 #   make cuda-check  .venv-cuda (torch 2.14.1 CUDA 13.0 + pip nvcc): real CUDA build for sm_80/sm_90a, no GPU needed
 #   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8
+#   make cmake-check CMakeLists.txt against the CPU torch: builds libnvlm_C and runs its C++ smoke test
 #   make lint        ruff
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -16,7 +17,7 @@ export MAX_JOBS ?= 2
 PIP_INSTALL_EDITABLE := pip install -e . --no-build-isolation --no-deps -q
 PYTEST_ARGS ?=
 
-.PHONY: all venv venv-cuda build test bench bench-pytest cuda-check triton-aot lint info clean
+.PHONY: all venv venv-cuda build test bench bench-pytest cuda-check triton-aot cmake-check lint info clean
 
 all: test
 
@@ -58,6 +59,13 @@ cuda-check: venv-cuda
 triton-aot: venv venv-cuda
 	$(PY) tools/triton_aot.py
 	$(PY_CUDA) tools/triton_aot.py
+
+cmake-check: venv
+	rm -rf build/cmake
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja -DNVLM_KERNELS_BUILD_TESTS=ON \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake -j $(MAX_JOBS)
+	./build/cmake/nvlm_C_smoke
 
 lint: venv
 	$(PY) -m ruff check .

@@ -1,0 +1,192 @@
+"""Pixel shuffle benchmark: NVLM's [T, 1025, 3200] ViT output, CLS dropped, -> [T, 256, 12800].
+
+Providers (forward): ``cuda`` and ``triton`` (our kernels through the public op), ``reference``
+(our eager view/permute/clone), ``reference+compile`` (the same under torch.compile: the honest
+baseline), ``internvl`` (InternVL / NVLM-D's code: slice CLS, two permute+contiguous copies) and
+``hf-transformers`` (transformers' InternVL ``pixel_shuffle``, when importable). Backward: the
+inverse permutation for cuda, triton, reference and reference+compile.
+
+Work: bytes = input read once + output written once; the floor is bytes / 3.35 TB/s (targets.md a).
+Target (H100, 7 tiles, bf16): >= 90 % of the measured copy bandwidth and >= 3x the InternVL path.
+
+    python bench/bench_pixel_shuffle.py          # this op only; run_all.py runs every op
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import nvlm_kernels as nk
+from nvlm_kernels.pixel_shuffle import reference
+
+from common import Case, environment, format_table, measure, skipped
+
+KERNEL_FWD = "pixel_shuffle.fwd"
+KERNEL_BWD = "pixel_shuffle.bwd"
+SCALE = 0.5
+OUR_PROVIDERS = ("cuda", "triton")
+
+
+def internvl_pixel_shuffle(vit_embeds: torch.Tensor, scale_factor: float = SCALE) -> torch.Tensor:
+    """InternVL's extract_feature tail (modeling_internvl_chat.py), as NVLM-D runs it (ps_version v2)."""
+    vit_embeds = vit_embeds[:, 1:, :]
+    h = w = int(vit_embeds.shape[1] ** 0.5)
+    x = vit_embeds.reshape(vit_embeds.shape[0], h, w, -1)
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _hf_transformers_fn():
+    """transformers' InternVL pixel_shuffle (v2 semantics) on [N, side, side, C], or the reason it is absent."""
+    try:
+        from transformers.models.internvl.modeling_internvl import InternVLModel
+    except Exception as exc:  # optional peer
+        return None, f"transformers' InternVL is not importable ({type(exc).__name__})"
+    fn = getattr(InternVLModel, "pixel_shuffle", None)
+    if fn is None:
+        return None, "this transformers version has no InternVLModel.pixel_shuffle"
+
+    def run(vit_out: torch.Tensor) -> torch.Tensor:
+        x = vit_out[:, 1:, :]
+        side = math.isqrt(x.shape[1])
+        y = fn(None, x.reshape(x.shape[0], side, side, -1), scale_factor=SCALE)
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+
+    return run, None
+
+
+def _available(provider: str, device: str) -> str | None:
+    return nk.available_backends("pixel_shuffle", device)[provider]
+
+
+def _equal_check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.shape != want.shape or not torch.equal(got, want):
+        raise AssertionError(f"{name}: result differs from the reference")
+
+
+def shapes(device: str, quick: bool) -> list[tuple[int, torch.dtype]]:
+    if device == "cuda":
+        return [(1, torch.bfloat16), (7, torch.bfloat16), (28, torch.bfloat16), (7, torch.float32)]
+    return [(1, torch.bfloat16)] if quick else [(1, torch.bfloat16), (7, torch.bfloat16)]
+
+
+def cases(device: str, quick: bool = False) -> list[Case]:
+    out: list[Case] = []
+    compiled_fwd = torch.compile(reference.pixel_shuffle_fwd, dynamic=False)
+    compiled_bwd = torch.compile(reference.pixel_shuffle_bwd, dynamic=False)
+    hf_fn, hf_reason = _hf_transformers_fn()
+    for tiles, dtype in shapes(device, quick):
+        gen = torch.Generator().manual_seed(tiles)
+        vit_out = torch.randn(tiles, 1025, 3200, generator=gen).to(device=device, dtype=dtype)
+        x = vit_out[:, 1:]  # the CLS-less view, read in place
+        expected = reference.pixel_shuffle_fwd(x, 2, True)
+        grad_out = torch.randn(expected.shape, generator=gen).to(device=device, dtype=dtype)
+        expected_grad = reference.pixel_shuffle_bwd(grad_out, 2, True)
+        nbytes = 2 * x.numel() * x.element_size()
+        shape = f"{tiles}x1025x3200 CLS view"
+        dt = str(dtype).removeprefix("torch.")
+
+        def fwd_case(provider, fn, _x=x, _expected=expected, _shape=shape, _dt=dt, _nbytes=nbytes):
+            return Case(
+                KERNEL_FWD,
+                provider,
+                _shape,
+                _dt,
+                fn,
+                bytes_moved=_nbytes,
+                check=lambda: _equal_check(provider, fn(), _expected),
+            )
+
+        def bwd_case(provider, fn, _expected=expected_grad, _shape=shape, _dt=dt, _nbytes=nbytes):
+            return Case(
+                KERNEL_BWD,
+                provider,
+                _shape,
+                _dt,
+                fn,
+                bytes_moved=_nbytes,
+                check=lambda: _equal_check(provider, fn(), _expected),
+            )
+
+        # forward
+        for provider in OUR_PROVIDERS:
+            reason = _available(provider, device)
+            if reason:
+                out.append(skipped(KERNEL_FWD, provider, shape, dt, reason))
+                continue
+
+            def ours(_x=x, _p=provider):
+                with nk.use_backend(_p):
+                    return nk.pixel_shuffle(_x, SCALE)
+
+            out.append(fwd_case(provider, ours))
+        out.append(fwd_case("reference", lambda _x=x: reference.pixel_shuffle_fwd(_x, 2, True)))
+        out.append(fwd_case("reference+compile", lambda _x=x: compiled_fwd(_x, 2, True)))
+        out.append(fwd_case("internvl", lambda _v=vit_out: internvl_pixel_shuffle(_v)))
+        if hf_fn is None:
+            out.append(skipped(KERNEL_FWD, "hf-transformers", shape, dt, hf_reason))
+        else:
+            out.append(fwd_case("hf-transformers", lambda _v=vit_out: hf_fn(_v)))
+
+        # backward (the inverse permutation)
+        for provider in OUR_PROVIDERS:
+            reason = _available(provider, device)
+            if reason:
+                out.append(skipped(KERNEL_BWD, provider, shape, dt, reason))
+                continue
+
+            def ours_bwd(_g=grad_out, _p=provider):
+                with nk.use_backend(_p):
+                    return torch.ops.nvlm_kernels.pixel_shuffle_bwd(_g, 2, True)
+
+            out.append(bwd_case(provider, ours_bwd))
+        out.append(bwd_case("reference", lambda _g=grad_out: reference.pixel_shuffle_bwd(_g, 2, True)))
+        out.append(bwd_case("reference+compile", lambda _g=grad_out: compiled_bwd(_g, 2, True)))
+    return out
+
+
+BASELINE = "internvl"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 2's targets, evaluated on this run's rows (CUDA only): at 7 tiles bf16, the best of our
+    providers reaches >= 90 % of the measured copy bandwidth and >= 3x the InternVL path."""
+    copy = [r for r in rows if r["kernel"] == "ceiling.copy" and r["status"] == "ok"]
+    at_target = [
+        r
+        for r in rows
+        if r["kernel"] == KERNEL_FWD
+        and r["shape"].startswith("7x")
+        and r["dtype"] == "bfloat16"
+        and r["status"] == "ok"
+    ]
+    ours = [r for r in at_target if r["provider"] in OUR_PROVIDERS]
+    internvl = [r for r in at_target if r["provider"] == BASELINE]
+    if not copy or not ours or not internvl or "CPU" in ours[0]["device"]:
+        return ["pixel_shuffle targets: not evaluated (needs a CUDA run with the copy ceiling and both providers)"]
+    best = min(ours, key=lambda r: float(r["p50_us"]))
+    bandwidth_fraction = float(best["value"]) / float(copy[0]["value"])
+    speedup = float(internvl[0]["p50_us"]) / float(best["p50_us"])
+    return [
+        f"pixel_shuffle 7 tiles bf16, best = {best['provider']} at {best['p50_us']} us: "
+        f"{100 * bandwidth_fraction:.1f} % of measured copy bandwidth ({copy[0]['value']} GB/s) "
+        f"-> {'MET' if bandwidth_fraction >= 0.9 else 'NOT MET'} (target >= 90 %); "
+        f"{speedup:.2f}x the InternVL path -> {'MET' if speedup >= 3 else 'NOT MET'} (target >= 3x)"
+    ]
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    rows = [measure(c, device, env) for c in cases(device)]
+    print(format_table(rows, BASELINE))
+
+
+if __name__ == "__main__":
+    main()
