@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from nvlm_kernels import _extension
 
@@ -122,8 +124,18 @@ def _triton_import_error() -> str | None:
 
 
 def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | None:
-    """None when ``backend`` can run ``op`` on tensors of ``device``, else the reason."""
-    device = torch.device(device)
+    """None when ``backend`` can run ``op`` on tensors of ``device``, else the reason.
+
+    Everything it looks at is fixed for the life of the process (the extension, the driver, the
+    Triton import) except ``TRITON_INTERPRET``, which is part of the cache key: the answer is
+    computed once, as ops are called on a hot path."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _why_unavailable(op, backend, device_type, triton_interpreter_enabled())
+
+
+@functools.cache
+def _why_unavailable(op: str, backend: str, device_type: str, interpreter: bool) -> str | None:
+    device = torch.device(device_type)
     entry = _REGISTRY[op]
     if backend == "reference":
         return None
@@ -136,11 +148,11 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
         if err:
             return err
         if device.type == "cuda":
-            if triton_interpreter_enabled():
+            if interpreter:
                 return "TRITON_INTERPRET=1 is set, so Triton kernels run only on CPU tensors"
             return None
         if device.type == "cpu":
-            if triton_interpreter_enabled():
+            if interpreter:
                 return None
             return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before import"
         return f"Triton backend does not support device type {device.type!r}"
@@ -202,6 +214,25 @@ def resolve(op: str, device: torch.device | str) -> str:
     return backend
 
 
-def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
-    """Run the implementation chosen for ``op`` (``impls`` maps backend name -> thunk)."""
-    return impls[resolve(op, device)]()
+def eager_fast_path(*tensors: torch.Tensor) -> bool:
+    """True when a public function may run its backend directly instead of through its registered
+    torch.library op, because nobody could tell the difference: no torch.compile tracing, no
+    autograd graph to record, plain tensors (no fake/meta subclass, no functorch transform) and no
+    dispatch or function mode watching. The registered op costs tens of microseconds of Python
+    per call, as much as a pixel-shuffle kernel on an H100; everything else takes the op path."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad):
+            return False
+    return True
+
+
+@functools.cache
+def implementation(package: str, backend: str):
+    """The module ``<package>.<backend>`` (every op folder has reference.py, triton.py, cuda.py),
+    imported on first use: Triton and the extension load only when a backend needs them."""
+    return importlib.import_module(f"{package}.{backend}")

@@ -19,7 +19,6 @@ import math
 import torch
 
 from nvlm_kernels import _backend, _nvtx
-from nvlm_kernels.pixel_shuffle import reference
 
 OP = "pixel_shuffle"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,26 +74,14 @@ def _check_grad(grad_out: torch.Tensor, downscale: int) -> None:
 
 
 def _run_fwd(x: torch.Tensor, downscale: int, v2: bool) -> torch.Tensor:
-    backend = _backend.resolve(OP, x.device)
+    impl = _backend.implementation(__name__, _backend.resolve(OP, x.device))
     with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
-        if backend == "cuda":
-            from nvlm_kernels.pixel_shuffle import cuda as impl
-        elif backend == "triton":
-            from nvlm_kernels.pixel_shuffle import triton as impl
-        else:
-            impl = reference
         return impl.pixel_shuffle_fwd(x, downscale, v2)
 
 
 def _run_bwd(grad_out: torch.Tensor, downscale: int, v2: bool) -> torch.Tensor:
-    backend = _backend.resolve(OP, grad_out.device)
+    impl = _backend.implementation(__name__, _backend.resolve(OP, grad_out.device))
     with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
-        if backend == "cuda":
-            from nvlm_kernels.pixel_shuffle import cuda as impl
-        elif backend == "triton":
-            from nvlm_kernels.pixel_shuffle import triton as impl
-        else:
-            impl = reference
         return impl.pixel_shuffle_bwd(grad_out, downscale, v2)
 
 
@@ -159,4 +146,6 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     downscale = _downscale_from(scale_factor)
     _check_input(x, downscale)
+    if _backend.eager_fast_path(x):  # same backends, without the registered op's per-call cost
+        return _run_fwd(x, downscale, version == "v2")
     return pixel_shuffle_op(x, downscale, version == "v2")
