@@ -20,19 +20,14 @@ void run_cuda(const CopyPlan& plan) {
     using Unit = typename decltype(tag)::type;
     const auto* source = static_cast<const Unit*>(plan.source.const_data_ptr());
     auto* destination = static_cast<Unit*>(plan.destination.data_ptr());
-    const dim3 grid(static_cast<unsigned>(blocks));
-    const dim3 block(kWarpsPerBlock * 32);
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(source, destination, g);
+    };
     const bool contiguous = g.unshuffled_stride_c == 1 && g.shuffled_stride_c == 1;
-    if (plan.forward && contiguous) {
-      pixel_shuffle_kernel<Unit, true, true><<<grid, block, 0, stream>>>(source, destination, g);
-    } else if (contiguous) {
-      pixel_shuffle_kernel<Unit, false, true><<<grid, block, 0, stream>>>(source, destination, g);
+    if (contiguous) {
+      launch(plan.forward ? pixel_shuffle_kernel<Unit, true, true> : pixel_shuffle_kernel<Unit, false, true>);
     } else if constexpr (sizeof(Unit) <= 8) {  // units wider than an element imply contiguous channels
-      if (plan.forward) {
-        pixel_shuffle_kernel<Unit, true, false><<<grid, block, 0, stream>>>(source, destination, g);
-      } else {
-        pixel_shuffle_kernel<Unit, false, false><<<grid, block, 0, stream>>>(source, destination, g);
-      }
+      launch(plan.forward ? pixel_shuffle_kernel<Unit, true, false> : pixel_shuffle_kernel<Unit, false, false>);
     } else {
       TORCH_CHECK(false, "nvlm_C.pixel_shuffle: internal error: 16-byte units with strided channels");
     }
