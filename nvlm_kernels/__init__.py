@@ -15,13 +15,31 @@ from __future__ import annotations
 from nvlm_kernels._backend import BACKENDS, BackendUnavailableError, use_backend
 from nvlm_kernels._version import __version__
 from nvlm_kernels.pixel_shuffle import pixel_shuffle
+from nvlm_kernels.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    TilePlan,
+    image_prompt,
+    preprocess_images,
+    tile_plan,
+    tile_tags,
+)
 
 __all__ = [
     "BACKENDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "BackendUnavailableError",
+    "ImageError",
+    "TilePlan",
     "__version__",
     "available_backends",
+    "image_prompt",
     "pixel_shuffle",
+    "preprocess_images",
+    "tile_plan",
+    "tile_tags",
     "use_backend",
 ]
 
