@@ -12,6 +12,10 @@ TORCH_LIBRARY(nvlm_C, m) {
   m.def("pixel_shuffle_fwd(Tensor x, int downscale, bool v2) -> Tensor");
   m.def("pixel_shuffle_bwd(Tensor grad_out, int downscale, bool v2) -> Tensor");
   m.def("pixel_shuffle_copy_unit(Tensor x, int downscale, bool v2) -> int");
+  // preprocessing (csrc/preprocess): uint8 images -> Pillow-exact bicubic resize -> normalized tiles
+  m.def(
+      "resize_to_tiles(Tensor[] images, Tensor job_table, Tensor coefficients, Tensor table, int total_tiles, "
+      "int tile_size, ScalarType dtype) -> Tensor");
 }
 
 #if defined(NVLM_PYTHON_MODULE)

@@ -116,6 +116,8 @@ def preprocess_images(
         for image in loaded
     ]
     total = sum(plan.total for plan in plans)
+    if total == 0:
+        return torch.empty((0, 3, tile_size, tile_size), dtype=dtype, device=device), plans
     table = reference.normalization_table(mean, std)
 
     backend = _backend.resolve(OP, device)

@@ -1,0 +1,113 @@
+"""The compiled preprocessing path: ``torch.ops.nvlm_C.resize_to_tiles`` (csrc/preprocess).
+
+The host plans the work — per image a job for its tile grid and one for its thumbnail, each with
+its passes in the installed Pillow's order and the passes' coefficient tables (``resample.py``) —
+and the extension runs every job of the batch in two launches (first passes; second passes with
+normalization and the scatter into tiles). On CPU tensors the same arithmetic runs as the C++ host
+kernel. Images that are not tensors already (PIL, numpy) are converted once and copied to the
+device from pinned memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nvlm_kernels import _extension
+from nvlm_kernels.preprocess.images import to_rgb_array
+from nvlm_kernels.preprocess.plan import TilePlan
+from nvlm_kernels.preprocess.resample import axis_coefficients, vertical_first
+
+AXIS_NONE, AXIS_VERTICAL, AXIS_HORIZONTAL = -1, 0, 1
+JOB_FIELDS = 13  # csrc/preprocess/resize.h kJobFields
+
+
+class _CoefficientBuffer:
+    """Concatenated coefficient blocks [start[n], taps[n], weights[n·window]] (int32), one per
+    distinct (input size, output size)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+        self.offsets: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def block(self, in_size: int, out_size: int) -> tuple[int, int]:
+        """(offset, window) of the block for in_size -> out_size."""
+        key = (in_size, out_size)
+        if key not in self.offsets:
+            c = axis_coefficients(in_size, out_size)
+            flat = np.concatenate([c.start, c.taps, c.weights.reshape(-1)]).astype(np.int32)
+            self.offsets[key] = (self.size, c.window)
+            self.parts.append(flat)
+            self.size += flat.size
+        return self.offsets[key]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(self.parts) if self.parts else np.zeros(1, np.int32))
+
+
+def job_rows(
+    image_index: int,
+    in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    tile_base: int,
+    tile_size: int,
+    coefficients: _CoefficientBuffer,
+    pillow_version: str | None,
+) -> list[int]:
+    """One row of the job table (csrc/preprocess/resize.h) for resizing in_size -> out_size (w, h)."""
+    (w_in, h_in), (w_out, h_out) = in_size, out_size
+    passes = []
+    horizontal = (AXIS_HORIZONTAL, w_in, w_out)
+    vertical = (AXIS_VERTICAL, h_in, h_out)
+    order = [vertical, horizontal] if vertical_first(in_size, out_size, pillow_version) else [horizontal, vertical]
+    for axis, n_in, n_out in order:
+        if n_in != n_out:  # Pillow skips a pass that keeps the size
+            passes.append((axis, *coefficients.block(n_in, n_out)[::-1]))  # (axis, window, offset)
+    while len(passes) < 2:
+        passes.insert(0, (AXIS_NONE, 0, 0))
+    (first_axis, first_window, first_offset), (second_axis, second_window, second_offset) = passes
+    mid_w = w_out if first_axis == AXIS_HORIZONTAL else w_in
+    mid_h = h_out if first_axis == AXIS_VERTICAL else h_in
+    if first_axis == AXIS_NONE:
+        mid_w = mid_h = 0
+    row = [image_index, w_out, h_out, mid_w, mid_h, first_axis, first_window, first_offset]
+    row += [second_axis, second_window, second_offset, tile_base, w_out // tile_size]
+    assert len(row) == JOB_FIELDS
+    return row
+
+
+def _as_device_tensor(image, device: torch.device) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image if image.device == device else image.to(device, non_blocking=True)
+    pixels = torch.from_numpy(np.array(to_rgb_array(image)))  # PIL RGB -> [H, W, 3]
+    if device.type == "cuda":
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+    return pixels
+
+
+def preprocess(
+    images: list,
+    plans: list[TilePlan],
+    table: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    pillow_version: str | None,
+) -> torch.Tensor:
+    _extension.require()
+    tensors = [_as_device_tensor(image, device) for image in images]
+    coefficients = _CoefficientBuffer()
+    rows: list[list[int]] = []
+    tile = 0
+    for index, plan in enumerate(plans):
+        size = (plan.width, plan.height)
+        rows.append(job_rows(index, size, plan.resized_size, tile, plan.tile_size, coefficients, pillow_version))
+        tile += plan.num_tiles
+        if plan.has_thumbnail:
+            thumb = (plan.tile_size, plan.tile_size)
+            rows.append(job_rows(index, size, thumb, tile, plan.tile_size, coefficients, pillow_version))
+            tile += 1
+    job_table = torch.tensor(rows, dtype=torch.int64)
+    return torch.ops.nvlm_C.resize_to_tiles(
+        tensors, job_table, coefficients.tensor(), table.to(device), tile, plans[0].tile_size, dtype
+    )
