@@ -95,7 +95,11 @@ def load_image(image, index: int = 0):
     if isinstance(image, torch.Tensor):
         return _tensor_hwc(image, index)
     if isinstance(image, np.ndarray):
-        return _tensor_hwc(torch.from_numpy(np.ascontiguousarray(image)), index)
+        # torch wants writable memory (np.asarray of a PIL image is read-only); never written to
+        # (and positive strides): copy only when the array breaks either
+        negative = any(stride < 0 for stride in image.strides)
+        array = image if image.flags.writeable and not negative else np.ascontiguousarray(image).copy()
+        return _tensor_hwc(torch.from_numpy(array), index)
     if hasattr(image, "__dlpack__"):
         try:
             tensor = torch.from_dlpack(image)
