@@ -43,6 +43,8 @@ class Case:
     fn: Callable[[], Any] | None  # one call of the work; None when skipped
     bytes_moved: int = 0  # each input read once + each output written once
     flops: int = 0  # useful FLOPs only
+    items: int = 0  # things done per call (images, ...) when a rate says more than bytes or FLOPs
+    item_unit: str = "images/s"
     check: Callable[[], None] | None = None  # raises when the provider's result is wrong
     skip_reason: str | None = None
 
@@ -167,7 +169,9 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         row["status"] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc) else ''}"
         return row
     floor_us = max(case.flops / H100_PEAK_BF16_FLOPS, case.bytes_moved / H100_PEAK_BANDWIDTH) * 1e6
-    if case.flops:
+    if case.items:
+        metric, value = case.item_unit, case.items / (p50 * 1e-6)
+    elif case.flops:
         metric, value = "TFLOP/s", case.flops / (p50 * 1e-6) / 1e12
     else:
         metric, value = "GB/s", case.bytes_moved / (p50 * 1e-6) / 1e9
@@ -180,7 +184,7 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         metric=metric,
         value=f"{value:.1f}",
         floor_us=f"{floor_us:.2f}",
-        pct_of_floor=f"{100 * floor_us / p50:.1f}" if device == "cuda" else "",
+        pct_of_floor=f"{100 * floor_us / p50:.1f}" if device == "cuda" and floor_us > 0 else "",
     )
     return row
 

@@ -86,11 +86,13 @@ step "environment" 30 bash -c environment
 if [[ $skip == *" sanitizer "* ]]; then
     :
 elif command -v compute-sanitizer >/dev/null; then
-    # A small, fast subset on CUDA tensors: every kernel path (dtypes, strides, copy units, empty).
+    # A small, fast subset on CUDA tensors: every kernel path (pixel shuffle: dtypes, strides, copy
+    # units, empty; preprocessing: every job kind, dtypes, strided and 1/4-channel inputs).
     # racecheck: none of the kernels so far uses shared memory; later ops add it here.
     step "compute-sanitizer memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$PY" -m pytest tests/nvlm_kernels/test_pixel_shuffle.py -q -p no:cacheprovider \
-        -k "not cpu and (dtypes_exact or strided or copy_unit or empty_batch or double_backward)"
+        "$PY" -m pytest tests/nvlm_kernels/test_pixel_shuffle.py tests/nvlm_kernels/test_preprocess.py -q \
+        -p no:cacheprovider -k "not cpu and (dtypes_exact or strided or copy_unit or empty_batch or \
+double_backward or kernel_equals_pillow or kernel_dtypes or kernel_rejects)"
 else
     echo "compute-sanitizer not found: memcheck skipped"
 fi

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "core/nvtx.h"
+#include "preprocess/dispatch.h"
 #include "preprocess/resize.cuh"
 #include "preprocess/resize.h"
 
@@ -42,7 +43,7 @@ at::Tensor resize_to_tiles_cuda(const std::vector<at::Tensor>& images, const at:
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const dim3 grid(static_cast<unsigned>((plan.max_out_pixels + kResizeThreads - 1) / kResizeThreads), job_count);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "resize_to_tiles_cuda", [&] {
+  NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cuda", [&] {
     resize_second_pass_kernel<scalar_t><<<grid, kResizeThreads, 0, stream>>>(
         jobs, coeffs, scratch.const_data_ptr<uint8_t>(), table.const_data_ptr<float>(),
         static_cast<int32_t>(tile_size), static_cast<scalar_t*>(out.data_ptr()));

@@ -11,6 +11,7 @@
 
 #include "core/checks.h"
 #include "core/nvtx.h"
+#include "preprocess/dispatch.h"
 #include "preprocess/resize.h"
 
 namespace nvlm::preprocess {
@@ -174,7 +175,7 @@ at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::
   NvtxRange range("nvlm.C.resize_to_tiles.fwd");
   const ResizePlan plan = plan_resize(images, job_table, coefficients, table, total_tiles, tile_size, dtype);
   at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size}, table.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "resize_to_tiles_cpu", [&] {
+  NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cpu", [&] {
     run_host<scalar_t>(plan, coefficients, table, tile_size, out);
   });
   return out;

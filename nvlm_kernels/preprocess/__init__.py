@@ -118,17 +118,16 @@ def preprocess_images(
     total = sum(plan.total for plan in plans)
     if total == 0:
         return torch.empty((0, 3, tile_size, tile_size), dtype=dtype, device=device), plans
-    table = reference.normalization_table(mean, std)
-
     backend = _backend.resolve(OP, device)
     with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
         if backend == "cuda":
             from nvlm_kernels.preprocess import cuda as impl
 
+            table = reference.normalization_table(mean, std)
             out = impl.preprocess(loaded, plans, table, device, dtype, pillow_version)
         else:
             out = torch.empty((total, 3, tile_size, tile_size), dtype=torch.float32)
             threads = reference.default_threads() if num_threads is None else max(1, int(num_threads))
-            reference.preprocess(loaded, plans, table, out, threads)
+            reference.preprocess(loaded, plans, mean, std, out, threads)
             out = out.to(device=device, dtype=dtype)
     return out, plans

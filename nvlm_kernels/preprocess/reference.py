@@ -2,9 +2,9 @@
 
 Per image: ``resize((tile·cols, tile·rows))`` with Pillow's default filter (bicubic for RGB), the
 regular tiles cut row-major, and the thumbnail as ``resize((tile, tile))`` of the original. The
-float conversion is a 256-entry table per channel holding ``(byte / 255 − mean) / std`` computed
-with the same float32 operations as ToTensor + Normalize, so every value equals the reference's.
-Pillow releases the GIL while it resizes, so a thread pool spreads a batch over the cores.
+float conversion runs ToTensor's and Normalize's float32 operations in their order (÷255, −mean,
+÷std) over all tiles at once, so every value equals the reference's. Pillow releases the GIL
+while it resizes, so a thread pool spreads the grids and thumbnails of a batch over the cores.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ except ImportError:
 
 
 def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """float32 [3, 256]: the value ToTensor + Normalize give each byte of each channel."""
+    """float32 [3, 256]: the value ToTensor + Normalize give each byte of each channel (the table
+    the compiled kernels look values up in; the CPU path computes the same operations in place)."""
     levels = torch.arange(256, dtype=torch.float32).div(255)  # ToTensor: float32 then / 255
     mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None]
     std_t = torch.as_tensor(std, dtype=torch.float32)[:, None]
@@ -40,40 +41,52 @@ def _as_pil(image):
     return Image.fromarray(to_rgb_array(image), mode="RGB")
 
 
-def _write_tiles(rgb: np.ndarray, table: torch.Tensor, out: torch.Tensor, plan: TilePlan) -> None:
-    """Normalize the resized image [H, W, 3] and scatter its tiles into out [num_tiles, 3, S, S]."""
-    s = plan.tile_size
-    pixels = torch.from_numpy(np.array(rgb)).long()  # a writable copy (Pillow's buffer is read-only)
-    # [rows, S, cols, S, 3] -> [rows, cols, 3, S, S]
-    tiles = pixels.view(plan.rows, s, plan.cols, s, 3).permute(0, 2, 4, 1, 3)
-    for channel in range(3):
-        out[:, channel] = table[channel][tiles[:, :, channel]].reshape(plan.num_tiles, s, s)
+def _write_tiles(
+    resized, cols: int, rows: int, size: int, mean: torch.Tensor, std: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Cut the resized image (PIL, cols·size × rows·size) into tiles and normalize them into
+    out [cols·rows, 3, size, size] float32, with ToTensor's and Normalize's operations in order."""
+    pixels = torch.from_numpy(np.array(resized))  # [H, W, 3] uint8, a writable copy
+    tiles = pixels.view(rows, size, cols, size, 3).permute(0, 2, 4, 1, 3)  # [rows, cols, 3, S, S]
+    view = out.view(rows, cols, 3, size, size)
+    view.copy_(tiles)  # exact uint8 -> float32
+    view.div_(255).sub_(mean).div_(std)
 
 
-def preprocess_one(image, plan: TilePlan, table: torch.Tensor, out: torch.Tensor) -> None:
-    """Fill ``out`` [plan.total, 3, S, S] (float32) with the image's tiles and thumbnail."""
-    pil = _as_pil(image)
-    resized = pil.resize(plan.resized_size) if pil.size != plan.resized_size else pil
-    _write_tiles(np.asarray(resized), table, out[: plan.num_tiles], plan)
-    if plan.has_thumbnail:
+def _resize(image, size: tuple[int, int]):
+    return image.resize(size) if image.size != size else image
+
+
+def preprocess(
+    images: list, plans: list[TilePlan], mean: tuple, std: tuple, out: torch.Tensor, num_threads: int
+) -> None:
+    """Fill out [T, 3, S, S] (float32). Every image gives two tasks, its grid and its thumbnail,
+    so with several threads even a single image uses two cores."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    tasks = []
+    start = 0
+    for image, plan in zip(images, plans, strict=True):
+        pil = _as_pil(image)
         s = plan.tile_size
-        thumb = pil.resize((s, s)) if pil.size != (s, s) else pil
-        single = TilePlan(s, s, 1, 1, s, False)
-        _write_tiles(np.asarray(thumb), table, out[plan.num_tiles :], single)
+        grid_out = out[start : start + plan.num_tiles]
+        tasks.append((pil, plan.resized_size, plan.cols, plan.rows, s, grid_out))
+        if plan.has_thumbnail:
+            tasks.append((pil, (s, s), 1, 1, s, out[start + plan.num_tiles : start + plan.total]))
+        start += plan.total
 
+    def run(task) -> None:
+        pil, size, cols, rows, s, dest = task
+        _write_tiles(_resize(pil, size), cols, rows, s, mean_t, std_t, dest)
 
-def preprocess(images: list, plans: list[TilePlan], table: torch.Tensor, out: torch.Tensor, num_threads: int) -> None:
-    offsets = np.cumsum([0] + [p.total for p in plans]).tolist()
-    jobs = [
-        (image, plan, out[offsets[i] : offsets[i + 1]])
-        for i, (image, plan) in enumerate(zip(images, plans, strict=True))
-    ]
-    if num_threads <= 1 or len(jobs) <= 1:
-        for image, plan, dest in jobs:
-            preprocess_one(image, plan, table, dest)
+    if num_threads <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            run(task)
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(num_threads, len(jobs))) as pool:
-        list(pool.map(lambda job: preprocess_one(job[0], job[1], table, job[2]), jobs))
+    # Largest first, so a big grid does not start last and leave the other threads idle.
+    tasks.sort(key=lambda t: -t[1][0] * t[1][1])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(num_threads, len(tasks))) as pool:
+        list(pool.map(run, tasks))
 
 
 def default_threads() -> int:
