@@ -25,6 +25,7 @@ from nvlm_kernels.preprocess import (
     tile_plan,
     tile_tags,
 )
+from nvlm_kernels.vit_attention import vit_attention, vit_qk_norm_attention
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +42,8 @@ __all__ = [
     "tile_plan",
     "tile_tags",
     "use_backend",
+    "vit_attention",
+    "vit_qk_norm_attention",
 ]
 
 

@@ -231,6 +231,23 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def resolve_supported(op: str, device: torch.device | str, unsupported: dict[str, str | None]) -> str:
+    """``resolve``, then: when the chosen backend cannot take these inputs (``unsupported`` maps a
+    backend to the reason, e.g. a dtype its kernels lack), an explicit request raises
+    ``BackendUnavailableError`` with the reason and ``auto`` runs the reference instead."""
+    backend = resolve(op, device)
+    reason = unsupported.get(backend)
+    if reason is None:
+        return backend
+    if requested_backend(op) != "auto":
+        raise BackendUnavailableError(f"nvlm_kernels.{op}: the {backend} backend cannot run this call: {reason}")
+    key = (op, f"{backend}->reference: {reason}")
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        _log.info("nvlm_kernels.%s: running the reference (%s backend: %s)", op, backend, reason)
+    return "reference"
+
+
 @functools.cache
 def implementation(package: str, backend: str):
     """The module ``<package>.<backend>`` (every op folder has reference.py, triton.py, cuda.py),

@@ -1,0 +1,140 @@
+"""ViT attention in plain PyTorch: the oracle and the CPU path.
+
+Layout [T, S, H, D] (tiles, tokens, heads, head_dim), non-causal:
+``out = softmax(scale · q kᵀ) v`` per tile and head, computed in float32 (float64 stays float64),
+cast back to the input dtype. ``lse`` is the log-sum-exp of each score row in base 2 (the unit the
+Triton kernels keep), [T, H, S] float32.
+
+The fused variant normalizes q and k the way InternViT's ``InternRMSNorm`` does before splitting
+heads: RMS over the first ``norm_features`` features of the whole token (all heads), in float32,
+cast to the input dtype, times the weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = math.log2(math.e)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ct = _compute_dtype(q.dtype)
+    qh, kh, vh = (x.to(ct).permute(0, 2, 1, 3) for x in (q, k, v))  # [T, H, S, D]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), vh)
+    return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), (lse * LOG2E).to(torch.float32).contiguous()
+
+
+def attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv by the textbook formulas (recomputing P; ``out`` and ``lse`` are not needed), in
+    float32."""
+    ct = _compute_dtype(q.dtype)
+    qh, kh, vh, gh = (x.to(ct).permute(0, 2, 1, 3) for x in (q, k, v, grad_out))
+    p = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * scale, dim=-1)
+    dv = torch.matmul(p.transpose(-1, -2), gh)
+    dp = torch.matmul(gh, vh.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kh) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qh) * scale
+    return tuple(x.permute(0, 2, 1, 3).to(q.dtype).contiguous() for x in (dq, dk, dv))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_features: int) -> torch.Tensor:
+    """InternRMSNorm over the last dim, variance over the first ``norm_features`` features."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    variance = xf[..., :norm_features].pow(2).mean(-1, keepdim=True)
+    return weight.to(x.dtype) * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, s, width = qkv.shape
+    q, k, v = qkv.split(width // 3, dim=-1)
+    head_dim = width // (3 * num_heads)
+    return tuple(x.reshape(t, s, num_heads, head_dim) for x in (q, k, v))
+
+
+def qk_norm_attention(
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> torch.Tensor:
+    """Differentiable (plain autograd): norm q and k over the whole token, then attention."""
+    t, s, width = qkv.shape
+    q, k, v = qkv.split(width // 3, dim=-1)
+    q = rms_norm(q, q_norm_weight, eps, norm_features)
+    k = rms_norm(k, k_norm_weight, eps, norm_features)
+    head_dim = width // (3 * num_heads)
+    q, k, v = (x.reshape(t, s, num_heads, head_dim) for x in (q, k, v))
+    ct = _compute_dtype(qkv.dtype)
+    qh, kh, vh = (x.to(ct).permute(0, 2, 1, 3) for x in (q, k, v))
+    p = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(p, vh).permute(0, 2, 1, 3).to(qkv.dtype).contiguous()
+
+
+def qk_norm_attention_fwd(
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, rstd_q, rstd_k): the reciprocal RMS of q and k per token, [T, S] float32."""
+    width = qkv.shape[-1] // 3
+    q, k, v = qkv.split(width, dim=-1)
+    ct = _compute_dtype(qkv.dtype)
+    rstd = [torch.rsqrt(x[..., :norm_features].to(ct).pow(2).mean(-1) + eps).to(torch.float32) for x in (q, k)]
+    t, s, _ = qkv.shape
+    head_dim = width // num_heads
+    q = rms_norm(q, q_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
+    k = rms_norm(k, k_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
+    out, lse = attention_fwd(q, k, v.reshape(t, s, num_heads, head_dim), scale)
+    return out, lse, rstd[0], rstd[1]
+
+
+def qk_norm_attention_bwd(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rstd_q: torch.Tensor,
+    rstd_k: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dq_norm_weight, dk_norm_weight) by autograd through ``qk_norm_attention`` run in
+    float32 (float64 stays float64)."""
+    ct = _compute_dtype(qkv.dtype)
+
+    def forward(x, wq, wk):
+        return qk_norm_attention(x, wq, wk, num_heads, eps, norm_features, scale)
+
+    inputs = (qkv.to(ct), q_norm_weight.to(ct), k_norm_weight.to(ct))
+    _, vjp = torch.func.vjp(forward, *inputs)
+    dqkv, dwq, dwk = vjp(grad_out.to(ct))
+    return dqkv.to(qkv.dtype), dwq.to(q_norm_weight.dtype), dwk.to(k_norm_weight.dtype)
