@@ -182,7 +182,7 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         p80_us=f"{p80:.2f}",
         eager_us="" if math.isnan(eager) else f"{eager:.2f}",
         metric=metric,
-        value=f"{value:.1f}",
+        value=f"{value:.4g}",
         floor_us=f"{floor_us:.2f}",
         pct_of_floor=f"{100 * floor_us / p50:.1f}" if device == "cuda" and floor_us > 0 else "",
     )
@@ -209,7 +209,7 @@ def format_table(rows: list[dict[str, Any]], baseline_provider: str | None = Non
         if r["provider"] == baseline_provider and r["status"] == "ok"
     }
     header = (
-        f"{'kernel':<22} {'shape':<24} {'dtype':<9} {'provider':<18} {'p50 us':>10} {'metric':>14} "
+        f"{'kernel':<26} {'shape':<24} {'dtype':<9} {'provider':<18} {'p50 us':>10} {'metric':>14} "
         f"{'floor%':>7} {'speedup':>8}  status"
     )
     lines = [header, "-" * len(header)]
@@ -218,7 +218,7 @@ def format_table(rows: list[dict[str, Any]], baseline_provider: str | None = Non
         key = (r["kernel"], r["shape"], r["dtype"])
         speedup = f"{base[key] / float(r['p50_us']):.2f}x" if ok and key in base else ""
         lines.append(
-            f"{r['kernel']:<22} {r['shape']:<24} {r['dtype']:<9} {r['provider']:<18} "
+            f"{r['kernel']:<26} {r['shape']:<24} {r['dtype']:<9} {r['provider']:<18} "
             f"{r['p50_us'] if ok else '':>10} {(r['value'] + ' ' + r['metric']) if ok else '':>14} "
             f"{r['pct_of_floor']:>7} {speedup:>8}  {'' if ok else r['status']}"
         )
@@ -250,7 +250,8 @@ def markdown_table(rows: list[dict[str, Any]], baseline_provider: str | None = N
 
 
 def plot(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
-    """One PNG per kernel: throughput per provider and shape. Needs matplotlib (optional)."""
+    """One PNG, ``results.png``: a panel per kernel, throughput per provider and shape. Needs
+    matplotlib (optional: ``run_all.py --plot-only`` redraws a saved run elsewhere)."""
     try:
         import matplotlib
 
@@ -258,14 +259,17 @@ def plot(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written = []
     kernels = sorted({r["kernel"] for r in rows if r["status"] == "ok" and not r["kernel"].startswith("ceiling")})
-    for kernel in kernels:
+    if not kernels:
+        return []
+    columns = 2 if len(kernels) > 1 else 1
+    panel_rows = (len(kernels) + columns - 1) // columns
+    fig, axes = plt.subplots(panel_rows, columns, figsize=(7.5 * columns, 3.8 * panel_rows), squeeze=False)
+    for ax, kernel in zip(axes.flat, kernels, strict=False):  # more panels than kernels
         ok = [r for r in rows if r["kernel"] == kernel and r["status"] == "ok"]
         groups = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in ok))
         providers = list(dict.fromkeys(r["provider"] for r in ok))
         width = 0.8 / max(len(providers), 1)
-        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 2), 4))
         for i, provider in enumerate(providers):
             values = []
             for g in groups:
@@ -273,13 +277,15 @@ def plot(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
                 values.append(float(match[0]["value"]) if match else 0.0)
             ax.bar([j + i * width for j in range(len(groups))], values, width, label=provider)
         ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(groups))])
-        ax.set_xticklabels(groups, fontsize=8)
+        ax.set_xticklabels(groups, fontsize=7)
         ax.set_ylabel(ok[0]["metric"])
-        ax.set_title(f"{kernel} on {ok[0]['device']}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{kernel.replace('.', '_')}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+        ax.set_title(kernel, fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(kernels) :]:
+        ax.axis("off")
+    fig.suptitle(f"nvlm-kernels on {rows[0]['device']} ({rows[0]['git_sha']})", fontsize=11)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "results.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

@@ -5,10 +5,10 @@
 #   bash bench/gpu_check.sh [OUTDIR]        # default: bench/results/<date>-<gpu>/
 #
 # Needs only what the GPU machines have (torch with CUDA, triton, nvcc, ninja; compute-sanitizer
-# optional) and no network. Writes at most five files: gpu_check.log (everything), results.csv,
-# summary.md, and one PNG per benchmarked kernel when matplotlib is installed. Each step has a time
-# limit (together under 9.5 minutes, inside one 10-minute device call) and a failing step does not stop
-# the later ones; the exit code is non-zero if any failed.
+# optional) and no network. Writes four files: gpu_check.log (everything), results.csv, summary.md
+# and results.png (when matplotlib is installed; else `run_all.py --plot-only` draws it later).
+# Each step has a time limit and a failing step does not stop the later ones; the exit code is
+# non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -77,26 +77,32 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export NVLM_KERNELS_EXPECT_EXTENSION=1 NVLM_KERNELS_EXPECT_CUDA_KERNELS=1
 unset TRITON_INTERPRET
 
-# GPU_CHECK_SKIP="build tests" (any of: build tests sanitizer bench) skips steps, e.g. to finish a
-# run that a device call's time limit cut short without repeating what already passed.
-skip=" ${GPU_CHECK_SKIP:-} "
+# GPU_CHECK_STEPS picks steps (default: all of "build tests sanitizer bench"). A device call has
+# 10 minutes: run "build tests sanitizer" in one call and "build bench" in the next (the build is
+# a no-op the second time on a machine that is still warm).
+steps=" ${GPU_CHECK_STEPS:-build tests sanitizer bench} "
+want() { [[ $steps == *" $1 "* ]]; }
 step "environment" 30 bash -c environment
-[[ $skip == *" build "* ]] || step "build" 150 bash -c build
-[[ $skip == *" tests "* ]] || step "tests (CUDA, bf16 included)" 200 "$PY" -m pytest tests -q -rs -p no:cacheprovider
-if [[ $skip == *" sanitizer "* ]]; then
-    :
-elif command -v compute-sanitizer >/dev/null; then
-    # A small, fast subset on CUDA tensors: every kernel path (pixel shuffle: dtypes, strides, copy
-    # units, empty; preprocessing: every job kind, dtypes, strided and 1/4-channel inputs).
-    # racecheck: none of the kernels so far uses shared memory; later ops add it here.
-    step "compute-sanitizer memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$PY" -m pytest tests/nvlm_kernels/test_pixel_shuffle.py tests/nvlm_kernels/test_preprocess.py -q \
-        -p no:cacheprovider -k "not cpu and (dtypes_exact or strided or copy_unit or empty_batch or \
-double_backward or kernel_equals_pillow or kernel_dtypes or kernel_rejects)"
-else
-    echo "compute-sanitizer not found: memcheck skipped"
+want build && step "build" 240 bash -c build
+want tests && step "tests (CUDA, bf16 included)" 300 "$PY" -m pytest tests -q -rs -p no:cacheprovider
+if want sanitizer; then
+    if command -v compute-sanitizer >/dev/null; then
+        # memcheck: a small subset on CUDA tensors covering every kernel path (pixel shuffle: dtypes,
+        # strides, copy units, empty; preprocessing: every job kind, dtypes, strided and 1/4-channel
+        # inputs; attention: forward, backward and the fused QK-norm at small shapes).
+        step "compute-sanitizer memcheck" 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+            "$PY" -m pytest tests/nvlm_kernels/test_pixel_shuffle.py tests/nvlm_kernels/test_preprocess.py \
+            tests/nvlm_kernels/test_vit_attention.py -q -p no:cacheprovider \
+            -k "not cpu and (dtypes_exact or strided or copy_unit or empty_batch or double_backward or \
+kernel_equals_pillow or kernel_dtypes or kernel_rejects or 1x97x25x64 or 2x65x4x64)"
+        # racecheck: the kernels that use shared memory (the attention kernels).
+        step "compute-sanitizer racecheck" 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+            "$PY" -m pytest tests/nvlm_kernels/test_vit_attention.py -q -p no:cacheprovider -k "cuda and 1x97x25x64"
+    else
+        echo "compute-sanitizer not found: memcheck and racecheck skipped"
+    fi
 fi
-[[ $skip == *" bench "* ]] || step "benchmarks" 120 "$PY" bench/run_all.py --out "$OUT"
+want bench && step "benchmarks" 420 "$PY" bench/run_all.py --out "$OUT"
 
 echo
 echo "=== summary"

@@ -5,8 +5,8 @@
 
 Runs the ceilings (copy bandwidth, GEMM) first, then each ``bench_<op>.py``; prints one table, and
 writes to DIR (default ``bench/results/local``): ``results.csv`` (one row per kernel, provider,
-shape and dtype; columns in common.ROW_FIELDS), ``summary.md`` (tables + targets) and one PNG per
-kernel. On a CPU it measures the CPU paths at small shapes.
+shape and dtype; columns in common.ROW_FIELDS), ``summary.md`` (tables + targets) and
+``results.png`` (a panel per kernel). On a CPU it measures the CPU paths at small shapes.
 """
 
 from __future__ import annotations

@@ -76,65 +76,82 @@ def compile_spec(spec: dict, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def check_one(task: tuple[str, int, int]) -> tuple[str, int, dict, float, list[str]]:
+    """Compile spec ``index`` of ``module_name`` for ``arch`` and check it (runs in a worker)."""
+    module_name, index, arch = task
+    spec = importlib.import_module(module_name).aot_specs()[index]
+    start = time.perf_counter()
+    problems = []
+    usage = {"REG": -1, "SHARED": -1, "STACK": -1, "LOCAL": -1}
+    try:
+        compiled = compile_spec(spec, arch)
+        usage = resource_usage(compiled.asm["cubin"])
+        shared = max(compiled.metadata.shared, usage["SHARED"])
+        usage["SHARED"] = shared
+        if shared > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {shared} B > {SHARED_LIMIT[arch]} B")
+        if usage["LOCAL"] or usage["STACK"]:
+            problems.append("spills to local memory / stack frame")
+        for expected in spec.get("expect_ptx", {}).get(arch, []):
+            if expected not in compiled.asm["ptx"]:
+                problems.append(f"PTX lacks {expected!r}")
+    except Exception as exc:  # report every kernel, then fail
+        problems.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+    return spec["name"], arch, usage, time.perf_counter() - start, problems
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(ROOT))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability (default: 90 and 80)")
     parser.add_argument("-k", default="", help="only kernels whose name contains this")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     args = parser.parse_args()
     archs = args.arch or [90, 80]
 
-    os.environ.pop("TRITON_INTERPRET", None)  # real compilation, not the interpreter
-    # The source tree's kernels (the extension is not loaded: compiling needs no GPU and no _C).
-    sys.path.insert(0, str(ROOT))
+    _worker_init()  # real compilation, not the interpreter; the source tree's kernels (no GPU, no _C)
     import triton
 
-    print(f"triton {triton.__version__}: compiling for {', '.join(f'sm_{a}' for a in archs)}")
+    print(f"triton {triton.__version__}: compiling for {', '.join(f'sm_{a}' for a in archs)}, {args.jobs} jobs")
     header = f"{'kernel':<52} {'arch':>5} {'REG':>4} {'SHARED':>7} {'STACK':>5} {'LOCAL':>5} {'sec':>5}  result"
     print(header)
     print("-" * len(header))
     failures = 0
-    count = 0
+    tasks = []
     for module_name in discover_modules():
         module = importlib.import_module(module_name)
         if not hasattr(module, "aot_specs"):
             print(f"{module_name}: no aot_specs(); every Triton module must list its kernels")
             failures += 1
             continue
-        for spec in module.aot_specs():
-            if args.k not in spec["name"]:
-                continue
-            for arch in archs:
-                if spec.get("arch", arch) != arch:  # a spec with its own config per architecture
-                    continue
-                count += 1
-                start = time.perf_counter()
-                problems = []
-                usage = {"REG": -1, "SHARED": -1, "STACK": -1, "LOCAL": -1}
-                try:
-                    compiled = compile_spec(spec, arch)
-                    usage = resource_usage(compiled.asm["cubin"])
-                    shared = max(compiled.metadata.shared, usage["SHARED"])
-                    usage["SHARED"] = shared
-                    if shared > SHARED_LIMIT[arch]:
-                        problems.append(f"shared memory {shared} B > {SHARED_LIMIT[arch]} B")
-                    if usage["LOCAL"] or usage["STACK"]:
-                        problems.append("spills to local memory / stack frame")
-                    for expected in spec.get("expect_ptx", {}).get(arch, []):
-                        if expected not in compiled.asm["ptx"]:
-                            problems.append(f"PTX lacks {expected!r}")
-                except Exception as exc:  # report every kernel, then fail
-                    problems.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
-                seconds = time.perf_counter() - start
-                result = "ok" if not problems else "FAIL: " + "; ".join(problems)
-                failures += bool(problems)
-                print(
-                    f"{spec['name']:<52} {'sm_' + str(arch):>5} {usage['REG']:>4} {usage['SHARED']:>7} "
-                    f"{usage['STACK']:>5} {usage['LOCAL']:>5} {seconds:>5.1f}  {result}"
-                )
-    if count == 0:
+        for index, spec in enumerate(module.aot_specs()):
+            if args.k in spec["name"]:
+                # a spec with an "arch" key carries that architecture's own block configuration
+                tasks += [(module_name, index, arch) for arch in archs if spec.get("arch", arch) == arch]
+    if args.jobs > 1 and len(tasks) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no forked CUDA/Triton state
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool:
+            results = list(pool.map(check_one, tasks))
+    else:
+        results = [check_one(task) for task in tasks]
+    for name, arch, usage, seconds, problems in results:
+        result = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        failures += bool(problems)
+        print(
+            f"{name:<52} {'sm_' + str(arch):>5} {usage['REG']:>4} {usage['SHARED']:>7} "
+            f"{usage['STACK']:>5} {usage['LOCAL']:>5} {seconds:>5.1f}  {result}"
+        )
+    if not tasks:
         print("no kernels compiled")
         return 1
-    print(f"{count - failures}/{count} kernel compilations passed (triton {triton.__version__})")
+    print(f"{len(tasks) - failures}/{len(tasks)} kernel compilations passed (triton {triton.__version__})")
     return 1 if failures else 0
 
 

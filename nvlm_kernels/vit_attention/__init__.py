@@ -62,9 +62,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [T, S, H, D] (4 dims), got {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k and v must have the same shape [T, S, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
+        raise ValueError(f"q, k and v must have the same shape [T, S, H, D], got {shapes}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -39,37 +39,37 @@ _INTERPRET = triton_interpreter_enabled()
 
 # Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and per
 # (Hopper?, head-dim bucket, QK_NORM): only configurations that compile without register spills
-# or a stack frame on that architecture (checked for every entry by `make triton-aot`, through
-# aot_specs() below). D = 80 and 96 run with BLOCK_D = 128 and share its bucket.
+# or a stack frame on that architecture with triton 3.6 and 3.8 (`make triton-aot` compiles every
+# entry, through aot_specs() below). D = 80 and 96 run with BLOCK_D = 128 and share its bucket.
 FWD_TABLE = {
     (True, 128, False): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
-    (True, 128, True): [(128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+    (True, 128, True): [(128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
     (True, 64, False): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    (True, 64, True): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    (False, 128, False): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)],
-    (False, 128, True): [(32, 64, 4, 2)],
-    (False, 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-    (False, 64, True): [(64, 64, 4, 3), (128, 64, 8, 3)],
+    (True, 64, True): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    (False, 128, False): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+    (False, 128, True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+    (False, 64, False): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    (False, 64, True): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
 }
 DKDV_TABLE = {
     (True, 128, False): [(64, 128, 8, 2), (64, 64, 8, 2)],
-    (True, 128, True): [(64, 128, 8, 2), (64, 64, 8, 2)],
+    (True, 128, True): [(64, 64, 8, 2), (32, 64, 4, 2)],
     (True, 64, False): [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-    (True, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],
+    (True, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     (False, 128, False): [(128, 64, 8, 2), (64, 64, 8, 2)],
-    (False, 128, True): [(64, 64, 8, 2)],
-    (False, 64, False): [(128, 64, 4, 3), (32, 128, 4, 2), (32, 64, 4, 2)],
+    (False, 128, True): [(128, 64, 8, 2), (64, 64, 8, 2)],
+    (False, 64, False): [(32, 128, 4, 2), (32, 64, 4, 2)],
     (False, 64, True): [(32, 64, 4, 2)],
 }
 DQ_TABLE = {
     (True, 128, False): [(128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
-    (True, 128, True): [(128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)],
+    (True, 128, True): [(128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
     (True, 64, False): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    (True, 64, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (True, 64, True): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     (False, 128, False): [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)],
-    (False, 128, True): [(64, 128, 8, 2), (64, 64, 8, 2)],
+    (False, 128, True): [(64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 2)],
     (False, 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    (False, 64, True): [(64, 64, 4, 3)],
+    (False, 64, True): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
 }
 # Under the interpreter: one pinned config (its autotuner cannot time several), big blocks
 # because its cost is per program.
@@ -109,17 +109,24 @@ def _pruner(table: dict):
 
 
 @triton.jit
-def _load_rows(
-    base, rows, stride_s, offs_d, stride_d, row_mask, d_mask, RSTD, rstd_base, W, w_base, QK_NORM: tl.constexpr
-):
-    """[len(rows), BLOCK_D] rows of q or k; normalized (x · rstd · w, in float32) when QK_NORM."""
+def _load_block(base, rows, stride_s, offs_d, stride_d, row_mask, d_mask):
+    """[len(rows), BLOCK_D] rows of a [S, D] head slice (padded rows and columns read as 0)."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d
-    x = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    if QK_NORM:
-        r = tl.load(RSTD + rstd_base + rows, mask=row_mask, other=0.0)
-        w = tl.load(W + w_base + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) * r[:, None] * w[None, :]).to(base.dtype.element_ty)
-    return x
+    return tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _prescale(x, RSTD, rstd_base, rows, row_mask, WA, WB, w_base, offs_d, d_mask):
+    """x · rstd[row] · wa[d] · wb[d] in float32, rounded once to x's dtype.
+
+    With QK-norm, q_n·k_n = rstd_q·rstd_k·Σ_d q·w_q·w_k·k: a program scales its own block of q (or
+    of k) by its rows' rstd and by both weights once, and multiplies each score column by the
+    streamed rows' rstd. Streamed blocks are used as loaded, which keeps the inner loops as light
+    (in registers and work) as without the norm."""
+    r = tl.load(RSTD + rstd_base + rows, mask=row_mask, other=0.0)
+    wa = tl.load(WA + w_base + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    wb = tl.load(WB + w_base + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * r[:, None] * (wa * wb)[None, :]).to(x.dtype)
 
 
 @triton.autotune(
@@ -148,8 +155,9 @@ def _vit_attn_fwd_kernel(
     m_mask = offs_m < S
     d_mask = offs_d < HEAD_DIM
     rstd_base = t * S
-    q = _load_rows(Q + t * stride_qt + h * stride_qh, offs_m, stride_qs, offs_d, stride_qd, m_mask, d_mask,
-                   RstdQ, rstd_base, Wq, h * HEAD_DIM, QK_NORM)  # fmt: skip
+    q = _load_block(Q + t * stride_qt + h * stride_qh, offs_m, stride_qs, offs_d, stride_qd, m_mask, d_mask)
+    if QK_NORM:
+        q = _prescale(q, RstdQ, rstd_base, offs_m, m_mask, Wq, Wk, h * HEAD_DIM, offs_d, d_mask)
     k_base = K + t * stride_kt + h * stride_kh
     v_base = V + t * stride_vt + h * stride_vh
 
@@ -157,28 +165,17 @@ def _vit_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end = (S // BLOCK_N) * BLOCK_N
-    all_rows = offs_n < BLOCK_N  # true: full blocks need no key mask
-    for start_n in range(0, full_end, BLOCK_N):
+    for start_n in range(0, S, BLOCK_N):
         rows = start_n + offs_n
-        k = _load_rows(k_base, rows, stride_ks, offs_d, stride_kd, all_rows, d_mask,
-                       RstdK, rstd_base, Wk, h * HEAD_DIM, QK_NORM)  # fmt: skip
-        v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=d_mask[None, :], other=0.0)  # fmt: skip
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    if full_end < S:  # the tail block, masked
-        rows = full_end + offs_n
         n_mask = rows < S
-        k = _load_rows(k_base, rows, stride_ks, offs_d, stride_kd, n_mask, d_mask,
-                       RstdK, rstd_base, Wk, h * HEAD_DIM, QK_NORM)  # fmt: skip
-        v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        qk = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        k = _load_block(k_base, rows, stride_ks, offs_d, stride_kd, n_mask, d_mask)
+        v = _load_block(v_base, rows, stride_vs, offs_d, stride_vd, n_mask, d_mask)
+        qk = tl.dot(q, tl.trans(k))
+        if QK_NORM:
+            qk *= tl.load(RstdK + rstd_base + rows, mask=n_mask, other=0.0)[None, :]
+        qk *= qk_scale
+        if start_n >= full_end:  # only the tail block (S = 1025 is no block multiple) is masked
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -187,9 +184,8 @@ def _vit_attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = (
-        Out + t * stride_ot + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :] * stride_od
-    )
+    o_ptrs = Out + t * stride_ot + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os
+    o_ptrs += offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(Lse + (t * H + h) * S + offs_m, m_i + tl.math.log2(l_i), mask=m_mask)
 
@@ -212,7 +208,8 @@ def _vit_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one block of BLOCK_N keys: walk every query block. DK and DV share the strides
-    stride_g* (both are fresh [T, S, H, D] tensors)."""
+    stride_g* (both are fresh [T, S, H, D] tensors). With QK_NORM, dK is the gradient of the
+    normalized k."""
     pid_n = tl.program_id(0)
     pid_th = tl.program_id(1)
     t = (pid_th // H).to(tl.int64)
@@ -223,10 +220,10 @@ def _vit_attn_bwd_dkdv_kernel(
     n_mask = offs_n < S
     d_mask = offs_d < HEAD_DIM
     rstd_base = t * S
-    k = _load_rows(K + t * stride_kt + h * stride_kh, offs_n, stride_ks, offs_d, stride_kd, n_mask, d_mask,
-                   RstdK, rstd_base, Wk, h * HEAD_DIM, QK_NORM)  # fmt: skip
-    v = tl.load(V + t * stride_vt + h * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vs
-                + offs_d[None, :] * stride_vd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    k = _load_block(K + t * stride_kt + h * stride_kh, offs_n, stride_ks, offs_d, stride_kd, n_mask, d_mask)
+    if QK_NORM:
+        k = _prescale(k, RstdK, rstd_base, offs_n, n_mask, Wk, Wq, h * HEAD_DIM, offs_d, d_mask)
+    v = _load_block(V + t * stride_vt + h * stride_vh, offs_n, stride_vs, offs_d, stride_vd, n_mask, d_mask)
     q_base = Q + t * stride_qt + h * stride_qh
     do_base = DO + t * stride_dot + h * stride_doh
     row_base = (t * H + h) * S
@@ -235,17 +232,23 @@ def _vit_attn_bwd_dkdv_kernel(
     for start_m in range(0, S, BLOCK_M):
         rows = start_m + offs_m
         m_mask = rows < S
-        q = _load_rows(q_base, rows, stride_qs, offs_d, stride_qd, m_mask, d_mask,
-                       RstdQ, rstd_base, Wq, h * HEAD_DIM, QK_NORM)  # fmt: skip
-        do = tl.load(do_base + rows.to(tl.int64)[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        q = _load_block(q_base, rows, stride_qs, offs_d, stride_qd, m_mask, d_mask)
+        do = _load_block(do_base, rows, stride_dos, offs_d, stride_dod, m_mask, d_mask)
         lse = tl.load(Lse + row_base + rows, mask=m_mask, other=float("inf"))  # padded rows: p = 0
         delta = tl.load(Delta + row_base + rows, mask=m_mask, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        qk_t = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M]
+        if QK_NORM:
+            r = tl.load(RstdQ + rstd_base + rows, mask=m_mask, other=0.0)
+            qk_t *= r[None, :]
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
+        if QK_NORM:
+            ds_t *= r[None, :]
         dk += tl.dot(ds_t.to(q.dtype), q)
+    if QK_NORM:
+        dk *= tl.load(Wq + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     dk *= sm_scale
     out_offsets = t * stride_gt + h * stride_gh + offs_n.to(tl.int64)[:, None] * stride_gs + offs_d[None, :] * stride_gd
     out_mask = n_mask[:, None] & d_mask[None, :]
@@ -270,7 +273,8 @@ def _vit_attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one block of BLOCK_M queries: walk every key block."""
+    """dQ of one block of BLOCK_M queries: walk every key block. With QK_NORM, dQ is the gradient
+    of the normalized q."""
     pid_m = tl.program_id(0)
     pid_th = tl.program_id(1)
     t = (pid_th // H).to(tl.int64)
@@ -281,10 +285,10 @@ def _vit_attn_bwd_dq_kernel(
     m_mask = offs_m < S
     d_mask = offs_d < HEAD_DIM
     rstd_base = t * S
-    q = _load_rows(Q + t * stride_qt + h * stride_qh, offs_m, stride_qs, offs_d, stride_qd, m_mask, d_mask,
-                   RstdQ, rstd_base, Wq, h * HEAD_DIM, QK_NORM)  # fmt: skip
-    do = tl.load(DO + t * stride_dot + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    q = _load_block(Q + t * stride_qt + h * stride_qh, offs_m, stride_qs, offs_d, stride_qd, m_mask, d_mask)
+    if QK_NORM:
+        q = _prescale(q, RstdQ, rstd_base, offs_m, m_mask, Wq, Wk, h * HEAD_DIM, offs_d, d_mask)
+    do = _load_block(DO + t * stride_dot + h * stride_doh, offs_m, stride_dos, offs_d, stride_dod, m_mask, d_mask)
     row_base = (t * H + h) * S
     lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
@@ -294,19 +298,24 @@ def _vit_attn_bwd_dq_kernel(
     for start_n in range(0, S, BLOCK_N):
         rows = start_n + offs_n
         n_mask = rows < S
-        k = _load_rows(k_base, rows, stride_ks, offs_d, stride_kd, n_mask, d_mask,
-                       RstdK, rstd_base, Wk, h * HEAD_DIM, QK_NORM)  # fmt: skip
-        v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        k = _load_block(k_base, rows, stride_ks, offs_d, stride_kd, n_mask, d_mask)
+        v = _load_block(v_base, rows, stride_vs, offs_d, stride_vd, n_mask, d_mask)
+        qk = tl.dot(q, tl.trans(k))
+        if QK_NORM:
+            r = tl.load(RstdK + rstd_base + rows, mask=n_mask, other=0.0)
+            qk *= r[None, :]
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if QK_NORM:
+            ds *= r[None, :]
         dq += tl.dot(ds.to(k.dtype), k)
+    if QK_NORM:
+        dq *= tl.load(Wk + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     dq *= sm_scale
-    dq_ptrs = (
-        DQ + t * stride_gt + h * stride_gh + offs_m.to(tl.int64)[:, None] * stride_gs + offs_d[None, :] * stride_gd
-    )
+    dq_ptrs = DQ + t * stride_gt + h * stride_gh + offs_m.to(tl.int64)[:, None] * stride_gs
+    dq_ptrs += offs_d[None, :] * stride_gd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -567,8 +576,8 @@ def _attention_signature(fn, dtype: str, n_tensors: int) -> dict:
 
 def aot_specs() -> list[dict]:
     """Every configuration the autotuner may pick, on the architecture it is picked for, at
-    InternViT's shapes (S = 1025; D = 128 for 6B, 64 for 300M), in bf16; the first of each in fp16
-    too; then the norm kernels. On sm_90 the matrix products must compile to wgmma."""
+    InternViT's shapes (S = 1025; D = 128 for 6B, 64 for 300M), in bf16 and fp16; then the norm
+    kernels. On sm_90 the matrix products must compile to wgmma."""
     specs = []
     attention = [
         ("fwd", _vit_attn_fwd_kernel, 9, FWD_TABLE),
@@ -582,8 +591,8 @@ def aot_specs() -> list[dict]:
             a for a in fn.arg_names if a.startswith("stride_") and a not in unit
         ]
         for (hopper, head_dim, qk_norm), configs in table.items():
-            for index, (m, n, w, stages) in enumerate(configs):
-                for dtype in ("bf16", "fp16") if index == 0 else ("bf16",):
+            for m, n, w, stages in configs:
+                for dtype in ("bf16", "fp16"):
                     tag = f"{dtype},D{head_dim}{',norm' if qk_norm else ''},{m}x{n}w{w}s{stages}"
                     specs.append(
                         {
