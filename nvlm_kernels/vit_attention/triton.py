@@ -320,6 +320,29 @@ def _vit_attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _vit_attn_bwd_delta_kernel(
+    Out, DO, Delta,
+    stride_ot, stride_os, stride_oh, stride_od,
+    stride_dot, stride_dos, stride_doh, stride_dod,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta[t, h, s] = Σ_d O·dO (float32): the row term of the softmax backward."""
+    pid_m = tl.program_id(0)
+    pid_th = tl.program_id(1)
+    t = (pid_th // H).to(tl.int64)
+    h = (pid_th % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = rows < S
+    d_mask = offs_d < HEAD_DIM
+    o = _load_block(Out + t * stride_ot + h * stride_oh, rows, stride_os, offs_d, stride_od, m_mask, d_mask)
+    do = _load_block(DO + t * stride_dot + h * stride_doh, rows, stride_dos, offs_d, stride_dod, m_mask, d_mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + (t * H + h) * S + rows, delta, mask=m_mask)
+
+
+@triton.jit
 def _rms_rstd_kernel(
     X, Rstd, stride_xt, stride_xs, S, total_rows, eps,
     NORM_FEATURES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -432,7 +455,11 @@ def attention_bwd(
     dv = torch.empty((T, S, H, D), dtype=v.dtype, device=q.device)
     if T == 0:
         return dq, dk, dv
-    delta = (out.float() * grad_out.float()).sum(-1).permute(0, 2, 1).contiguous()  # [T, H, S]
+    delta = torch.empty((T, H, S), dtype=torch.float32, device=q.device)
+    _vit_attn_bwd_delta_kernel[(triton.cdiv(S, _DELTA_ROWS), T * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, S,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_ROWS,
+    )  # fmt: skip
     rstd_q, rstd_k, w_q, w_k = norm if norm is not None else (lse, lse, lse, lse)
     common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), QK_NORM=norm is not None)
     if dk.stride() != dv.stride():
@@ -450,6 +477,7 @@ def attention_bwd(
     return dq, dk, dv
 
 
+_DELTA_ROWS = 128 if _INTERPRET else 64
 _RSTD_ROWS = 128 if _INTERPRET else 16
 _RSTD_FEATURES = 1024 if _INTERPRET else 512
 
@@ -611,6 +639,20 @@ def aot_specs() -> list[dict]:
                         }
                     )  # fmt: skip
     for dtype in ("bf16", "fp16"):
+        delta = _vit_attn_bwd_delta_kernel
+        unit = [a for a in delta.arg_names if a.startswith("stride_") and a.endswith("d")]
+        specs.append(
+            {
+                "name": f"vit_attn_bwd_delta[{dtype}]",
+                "fn": delta,
+                "signature": {"Out": f"*{dtype}", "DO": f"*{dtype}", "Delta": "*fp32", "H": "i32", "S": "i32",
+                              **{a: "i32" for a in delta.arg_names if a.startswith("stride_")}},
+                "constexprs": {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _DELTA_ROWS, **dict.fromkeys(unit, 1)},
+                "divisible_by_16": ["Out", "DO", "Delta"]
+                + [a for a in delta.arg_names if a.startswith("stride_") and a not in unit],
+                "num_warps": 4,
+            }
+        )  # fmt: skip
         specs.append(
             {
                 "name": f"rms_rstd[{dtype}]",
