@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from nvlm_kernels._backend import BACKENDS, BackendUnavailableError, use_backend
 from nvlm_kernels._version import __version__
+from nvlm_kernels.cross_attention import cross_attention_ranges, gated_cross_attention, ranges_from_mask
 from nvlm_kernels.pixel_shuffle import pixel_shuffle
 from nvlm_kernels.preprocess import (
     IMAGENET_MEAN,
@@ -36,9 +37,12 @@ __all__ = [
     "TilePlan",
     "__version__",
     "available_backends",
+    "cross_attention_ranges",
+    "gated_cross_attention",
     "image_prompt",
     "pixel_shuffle",
     "preprocess_images",
+    "ranges_from_mask",
     "tile_plan",
     "tile_tags",
     "use_backend",

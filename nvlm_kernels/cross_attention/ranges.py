@@ -1,0 +1,160 @@
+"""Per-query key ranges for gated cross-attention, from a token layout or from a mask.
+
+Every cross-attention layout of NVLM-X / NVLM-H, Llama-3.2-Vision (Mllama) and Flamingo lets each
+text row see one contiguous range of the image key/value sequence, or nothing. The key/value
+sequence holds each batch row's images one after another, each as its tiles one after another
+(``tokens_per_tile`` keys each; NVLM-H puts ``tag_tokens_per_tile`` tag-embedding keys before each
+tile's image keys). A text row sees, by policy:
+
+* ``"nvlm-x"``: nothing before the first image; after image m (from its position on), all tiles of
+  image m (``attend_all_previous``: of images 0..m); a row that is part of the tag of tile g sees
+  only tile g (the one rule the paper states).
+* ``"nvlm-h"``: the same over the interleaved [tag_k, tile_k] key/value sequence; a tag row sees
+  its tag and tile.
+* ``"mllama"``: Hugging Face's processor rule: image m is visible from its image token to the next
+  image token, and images whose tokens are adjacent form a group that stays visible together.
+* ``"flamingo"``: the most recent image only (``attend_all_previous``: every image so far).
+
+Everything is computed with tensor operations on the inputs' device, without a Python loop over
+tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+POLICIES = ("nvlm-x", "nvlm-h", "mllama", "flamingo")
+
+
+def _as_long(t, name: str, dims: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+def cross_attention_ranges(
+    image_positions: torch.Tensor,
+    tiles_per_image: torch.Tensor,
+    num_text_tokens: int,
+    *,
+    policy: str = "nvlm-x",
+    tag_tiles: torch.Tensor | None = None,
+    tokens_per_tile: int = 256,
+    tag_tokens_per_tile: int = 0,
+    attend_all_previous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_start, kv_end), int32 [B, num_text_tokens], for ``gated_cross_attention``.
+
+    Args:
+        image_positions: [B, M] text index where each image occurs (its placeholder token), in
+            increasing order, -1 for absent images (after the present ones).
+        tiles_per_image: [B, M] tiles of each image in the key/value sequence (thumbnail
+            included for NVLM-X); ignored for absent images.
+        num_text_tokens: Sq, the text length.
+        policy: "nvlm-x", "nvlm-h", "mllama" or "flamingo" (module docstring).
+        tag_tiles: [B, Sq], for nvlm-x / nvlm-h: the tile (0-based over the row's tiles, in image
+            order) whose tag a text token belongs to, -1 for other tokens.
+        tokens_per_tile: image keys per tile (256 in NVLM).
+        tag_tokens_per_tile: nvlm-h only: tag-embedding keys before each tile.
+        attend_all_previous: nvlm-x / nvlm-h / flamingo: text sees every image so far, not only
+            the most recent one.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    positions = _as_long(image_positions, "image_positions", 2)
+    tiles = _as_long(tiles_per_image, "tiles_per_image", 2)
+    if tiles.shape != positions.shape:
+        raise ValueError(f"tiles_per_image {tuple(tiles.shape)} must match image_positions {tuple(positions.shape)}")
+    if tiles.device != positions.device:
+        raise ValueError(f"tiles_per_image is on {tiles.device}, image_positions on {positions.device}")
+    if isinstance(num_text_tokens, bool) or not isinstance(num_text_tokens, int) or num_text_tokens < 0:
+        raise ValueError(f"num_text_tokens must be a non-negative int, got {num_text_tokens!r}")
+    for name, value in (("tokens_per_tile", tokens_per_tile), ("tag_tokens_per_tile", tag_tokens_per_tile)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if tag_tokens_per_tile and policy != "nvlm-h":
+        raise ValueError("tag_tokens_per_tile is for policy 'nvlm-h' (tags interleaved with tiles in the keys)")
+    if tag_tiles is not None and policy not in ("nvlm-x", "nvlm-h"):
+        raise ValueError(f"tag_tiles is for the nvlm-x and nvlm-h policies, not {policy!r}")
+
+    batch, _ = positions.shape
+    device = positions.device
+    present = positions >= 0
+    if bool(((tiles < 0) & present).any()) or bool((present & (positions >= num_text_tokens)).any()):
+        raise ValueError("image_positions must lie in [0, num_text_tokens) and tiles_per_image must be >= 0")
+    big = torch.iinfo(torch.long).max
+    sorted_positions = torch.where(present, positions, big)
+    if positions.shape[1] > 1 and bool((sorted_positions[:, 1:] < sorted_positions[:, :-1]).any()):
+        raise ValueError("image_positions must increase along each row, with -1 (absent) at the end")
+
+    per_tile = tokens_per_tile + tag_tokens_per_tile
+    tiles = torch.where(present, tiles, 0)
+    kv_len = tiles * per_tile
+    kv_end_of_image = kv_len.cumsum(1)
+    kv_start_of_image = kv_end_of_image - kv_len
+
+    text = torch.arange(num_text_tokens, device=device).expand(batch, num_text_tokens).contiguous()
+    # index of the most recent image at or before each text row (-1: before the first image)
+    latest = torch.searchsorted(sorted_positions.contiguous(), text, right=True) - 1
+    seen = latest >= 0
+    latest_c = latest.clamp(min=0)
+    end = kv_end_of_image.gather(1, latest_c)
+    if policy == "mllama":
+        # a group starts at every image whose token does not directly follow the previous image's
+        starts_group = torch.ones_like(present)
+        if positions.shape[1] > 1:
+            starts_group[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        index = torch.arange(positions.shape[1], device=device).expand_as(positions)
+        group_first = torch.where(starts_group, index, 0).cummax(1).values
+        start = kv_start_of_image.gather(1, group_first.gather(1, latest_c))
+    elif attend_all_previous:
+        start = torch.zeros_like(end)
+    else:
+        start = kv_start_of_image.gather(1, latest_c)
+
+    if tag_tiles is not None:
+        tags = _as_long(tag_tiles, "tag_tiles", 2)
+        if tags.shape != (batch, num_text_tokens):
+            raise ValueError(f"tag_tiles must have shape [B, Sq] = {(batch, num_text_tokens)}, got {tuple(tags.shape)}")
+        if tags.device != device:
+            raise ValueError(f"tag_tiles is on {tags.device}, image_positions on {device}")
+        is_tag = tags >= 0
+        total_tiles = tiles.sum(1, keepdim=True)
+        if bool((is_tag & (tags >= total_tiles)).any()):
+            raise ValueError("tag_tiles names a tile beyond the row's tiles")
+        start = torch.where(is_tag, tags * per_tile, start)
+        end = torch.where(is_tag, (tags + 1) * per_tile, end)
+        seen = seen | is_tag
+    start = torch.where(seen, start, 0)
+    end = torch.where(seen, end, 0)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def ranges_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_start, kv_end), int32 [B, Sq], of a boolean mask [B, Sq, Skv] whose every row is one
+    contiguous run of True (or all False: the empty range). Raises ValueError naming the first row
+    that is not."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError(
+            f"mask must be a bool tensor [B, Sq, Skv], got {getattr(mask, 'dtype', type(mask).__name__)} "
+            f"{tuple(getattr(mask, 'shape', ()))}"
+        )
+    skv = mask.shape[-1]
+    if skv == 0:
+        zeros = torch.zeros(mask.shape[:2], dtype=torch.int32, device=mask.device)
+        return zeros, zeros.clone()
+    any_key = mask.any(-1)
+    first = mask.int().argmax(-1)
+    last = skv - 1 - mask.flip(-1).int().argmax(-1)
+    count = mask.sum(-1)
+    broken = any_key & (count != last - first + 1)
+    if bool(broken.any()):
+        b, i = (int(x) for x in broken.nonzero()[0])
+        raise ValueError(f"mask row [{b}, {i}] is not one contiguous range of keys")
+    start = torch.where(any_key, first, 0).to(torch.int32)
+    end = torch.where(any_key, last + 1, 0).to(torch.int32)
+    return start, end
