@@ -127,14 +127,25 @@ def qk_norm_attention_bwd(
     norm_features: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dqkv, dq_norm_weight, dk_norm_weight) by autograd through ``qk_norm_attention`` run in
-    float32 (float64 stays float64)."""
+    """(dqkv, dq_norm_weight, dk_norm_weight) by the formulas, in float32: the attention backward
+    gives the gradients g of the normalized q and k; through x_n = x · r · w (r over the first
+    ``norm_features`` features): dx = r·(g ⊙ w) − [f < n]·x·r³·Σ(g ⊙ w ⊙ x)/n, dw = Σ_tokens g ⊙ x · r."""
     ct = _compute_dtype(qkv.dtype)
-
-    def forward(x, wq, wk):
-        return qk_norm_attention(x, wq, wk, num_heads, eps, norm_features, scale)
-
-    inputs = (qkv.to(ct), q_norm_weight.to(ct), k_norm_weight.to(ct))
-    _, vjp = torch.func.vjp(forward, *inputs)
-    dqkv, dwq, dwk = vjp(grad_out.to(ct))
-    return dqkv.to(qkv.dtype), dwq.to(q_norm_weight.dtype), dwk.to(k_norm_weight.dtype)
+    t, s, width = qkv.shape
+    features = width // 3
+    head_dim = features // num_heads
+    q, k, v = (x.to(ct) for x in qkv.split(features, dim=-1))
+    weights = (q_norm_weight.to(ct), k_norm_weight.to(ct))
+    rstd = [torch.rsqrt(x[..., :norm_features].pow(2).mean(-1, keepdim=True) + eps) for x in (q, k)]
+    normed = [x * r * w for x, r, w in zip((q, k), rstd, weights, strict=True)]
+    q_n, k_n, v_h = (x.reshape(t, s, num_heads, head_dim) for x in (*normed, v))
+    dq_n, dk_n, dv = attention_bwd(grad_out.to(ct), q_n, k_n, v_h, None, None, scale)
+    in_norm = (torch.arange(features, device=qkv.device) < norm_features).to(ct)
+    grads, weight_grads = [], []
+    for x, r, w, g in zip((q, k), rstd, weights, (dq_n, dk_n), strict=True):
+        g = g.reshape(t, s, features)
+        gw = g * w
+        grads.append(r * gw - in_norm * x * r.pow(3) * (gw * x).sum(-1, keepdim=True) / norm_features)
+        weight_grads.append((g * x * r).sum((0, 1)))
+    dqkv = torch.cat([grads[0], grads[1], dv.reshape(t, s, features)], dim=-1)
+    return dqkv.to(qkv.dtype), weight_grads[0].to(q_norm_weight.dtype), weight_grads[1].to(k_norm_weight.dtype)
