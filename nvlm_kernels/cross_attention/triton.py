@@ -36,19 +36,19 @@ _INTERPRET = triton_interpreter_enabled()
 FWD_TABLE = {
     (True, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)],
     (True, 64): [(128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    (False, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-    (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2)],
+    (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
 }
 DKDV_TABLE = {
-    (True, 128): [(64, 128, 8, 2), (64, 64, 8, 2)],
-    (True, 64): [(64, 128, 8, 2), (64, 64, 4, 3)],
-    (False, 128): [(128, 64, 8, 2), (64, 64, 8, 2)],
-    (False, 64): [(32, 128, 4, 2), (32, 64, 4, 2)],
+    (True, 128): [(64, 64, 8, 2)],
+    (True, 64): [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+    (False, 128): [(32, 64, 4, 2), (32, 32, 4, 2)],
+    (False, 64): [(32, 64, 4, 2), (64, 32, 4, 2)],
 }
 DQ_TABLE = {
     (True, 128): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
     (True, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (False, 128): [(64, 64, 4, 3), (64, 128, 8, 2)],
+    (False, 128): [(64, 128, 8, 2), (64, 64, 8, 2)],
     (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
 }
 INTERPRETER_CONFIG = (64, 64, 4, 1)
@@ -512,3 +512,73 @@ def attention_decode(q, k, v, kv_start, kv_end, gate_tanh, scale, max_range: int
         HAS_GATE=gate_tanh is not None, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
     )  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time compilation (tools/triton_aot.py)
+
+
+def _signature(fn, dtype: str, fp32_pointers: set[str], int_pointers: set[str], n_pointers: int) -> dict:
+    signature = {}
+    for i, name in enumerate(fn.arg_names):
+        if i < n_pointers:
+            signature[name] = "*i32" if name in int_pointers else ("*fp32" if name in fp32_pointers else f"*{dtype}")
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        elif name.startswith("stride_") or name in ("Hq", "GROUP", "Sq", "Skv", "SPLITS"):
+            signature[name] = "i32"
+    return signature
+
+
+def aot_specs() -> list[dict]:
+    """Every configuration the autotuner may pick, on its architecture, at NVLM-X's shape (D = 128,
+    GQA 8) and D = 64, bf16 and fp16, gated; then the row-sum and decode kernels."""
+    fp32 = {"GateTanh", "Lse", "Delta", "Rowsum", "PartAcc", "PartM", "PartL"}
+    ints = {"Start", "End"}
+    specs = []
+    tuned = [
+        ("fwd", _xattn_fwd_kernel, 9, FWD_TABLE, {"HAS_GATE": True, "WRITE_UNGATED": True}),
+        ("bwd_dq", _xattn_bwd_dq_kernel, 10, DQ_TABLE, {"HAS_GATE": True}),
+        ("bwd_dkdv", _xattn_bwd_dkdv_kernel, 11, DKDV_TABLE, {"HAS_GATE": True}),
+    ]
+    for name, kernel, n_pointers, table, flags in tuned:
+        fn = kernel.fn
+        unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")]
+        strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in unit]
+        for (hopper, head_dim), configs in table.items():
+            for m, n, w, stages in configs:
+                for dtype in ("bf16", "fp16"):
+                    specs.append(
+                        {
+                            "name": f"xattn_{name}[{dtype},D{head_dim},{m}x{n}w{w}s{stages}]",
+                            "fn": fn,
+                            "arch": 90 if hopper else 80,
+                            "signature": _signature(fn, dtype, fp32, ints, n_pointers),
+                            "constexprs": {**flags, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": m,
+                                           "BLOCK_N": n, **dict.fromkeys(unit, 1)},
+                            "divisible_by_16": list(fn.arg_names[:n_pointers]) + strides,
+                            "num_warps": w,
+                            "num_stages": stages,
+                            "expect_ptx": {90: ["wgmma"], 80: ["mma.sync"]},
+                        }
+                    )  # fmt: skip
+    plain = [
+        ("bwd_rowsum", _xattn_bwd_rowsum_kernel, 3, {"BLOCK_M": _ROWSUM_ROWS}, 4),
+        ("decode", _xattn_decode_kernel, 8, {"BLOCK_G": 16, "BLOCK_N": _DECODE_BLOCK_N}, 4),
+        ("decode_combine", _xattn_decode_combine_kernel, 5, {"HAS_GATE": True, "BLOCK_S": 16}, 4),
+    ]
+    for name, fn, n_pointers, constexprs, warps in plain:
+        unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")]
+        strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in unit]
+        for dtype in ("bf16", "fp16"):
+            specs.append(
+                {
+                    "name": f"xattn_{name}[{dtype}]",
+                    "fn": fn,
+                    "signature": _signature(fn, dtype, fp32, ints, n_pointers),
+                    "constexprs": {**constexprs, "HEAD_DIM": 128, "BLOCK_D": 128, **dict.fromkeys(unit, 1)},
+                    "divisible_by_16": list(fn.arg_names[:n_pointers]) + strides,
+                    "num_warps": warps,
+                }
+            )  # fmt: skip
+    return specs
