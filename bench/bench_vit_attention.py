@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import nvlm_kernels as nk
 
-from common import Case, environment, format_table, measure, skipped
+from common import Case, close_to, environment, format_table, measure, skipped
 
 KERNEL = "vit_attention.fwd"
 KERNEL_BWD = "vit_attention.bwd"
@@ -201,6 +201,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         q, k, v = (torch.randn(t, s, h, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
         flops = 4 * t * h * s * s * d
         shape = f"{label} {t}x{s}x{h}x{d}"
+        # every provider is checked against float32 math first (SDPA-math, cheap enough up to 1025)
+        expected = None if s > 2048 else _sdpa("sdpa-math")(q.float(), k.float(), v.float())
+        tolerance = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)
         providers = {
             "triton": _ours("triton"),
             "sdpa-flash": None,
@@ -231,7 +234,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                 out.append(skipped(KERNEL, name, shape, dt, reason))
                 out.append(skipped(KERNEL_BWD, name, shape, dt, reason))
                 continue
-            out.append(Case(KERNEL, name, shape, dt, lambda f=fn, a=(q, k, v): f(*a), flops=flops))
+            run = lambda f=fn, a=(q, k, v): f(*a)  # noqa: E731
+            check = close_to(run, expected, **tolerance) if expected is not None else None
+            out.append(Case(KERNEL, name, shape, dt, run, flops=flops, check=check))
             if name in ("triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads"):
                 out.append(Case(KERNEL_BWD, name, shape, dt, _backward(fn, q, k, v), flops=int(2.5 * flops)))
 

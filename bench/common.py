@@ -53,6 +53,26 @@ class Case:
         return f"{self.kernel}[{self.provider}|{self.shape}|{self.dtype}]"
 
 
+def close_to(fn: Callable[[], Any], expected: Any, *, atol: float, rtol: float) -> Callable[[], None]:
+    """A check for ``Case``: fn() (a tensor) within atol + rtol·|expected| of ``expected``, NaN-free.
+    For providers that round differently (bf16 attention kernels against a float32 reference)."""
+
+    def check() -> None:
+        got = fn()
+        got = got[0] if isinstance(got, tuple) else got
+        want = expected() if callable(expected) else expected
+        if got.shape != want.shape:
+            raise AssertionError(f"shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+        if not torch.isfinite(got).all():
+            raise AssertionError("non-finite values")
+        err = (got.float() - want.float()).abs()
+        limit = atol + rtol * want.float().abs()
+        if bool((err > limit).any()):
+            raise AssertionError(f"max error {err.max().item():.3e} exceeds atol {atol} + rtol {rtol}·|expected|")
+
+    return check
+
+
 def skipped(kernel: str, provider: str, shape: str, dtype: str, reason: str) -> Case:
     return Case(kernel, provider, shape, dtype, None, skip_reason=reason)
 
