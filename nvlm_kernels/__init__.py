@@ -15,6 +15,7 @@ from __future__ import annotations
 from nvlm_kernels._backend import BACKENDS, BackendUnavailableError, use_backend
 from nvlm_kernels._version import __version__
 from nvlm_kernels.cross_attention import cross_attention_ranges, gated_cross_attention, ranges_from_mask
+from nvlm_kernels.mlp_projector import mlp_projector
 from nvlm_kernels.pixel_shuffle import pixel_shuffle
 from nvlm_kernels.preprocess import (
     IMAGENET_MEAN,
@@ -40,6 +41,7 @@ __all__ = [
     "cross_attention_ranges",
     "gated_cross_attention",
     "image_prompt",
+    "mlp_projector",
     "pixel_shuffle",
     "preprocess_images",
     "ranges_from_mask",

@@ -110,6 +110,22 @@ def requested_backend(op: str) -> str:
     return "auto"
 
 
+def remember_backend(ctx, op: str) -> None:
+    """In an op's ``setup_context``: note the backend the forward was asked to run on, so that
+    ``backward_backend`` runs the backward on it too, wherever ``backward()`` is called (a
+    ``use_backend`` block around the forward alone is the common way to use it)."""
+    ctx.nvlm_backend = requested_backend(op)
+
+
+@contextlib.contextmanager
+def backward_backend(ctx, op: str) -> Iterator[None]:
+    """In an op's backward: the backend request in effect when its forward ran (see
+    ``remember_backend``). Under torch.compile the compiled backward runs outside this, on the
+    request in effect when it runs."""
+    with use_backend(getattr(ctx, "nvlm_backend", "auto"), ops=op):
+        yield
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

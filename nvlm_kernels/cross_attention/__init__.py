@@ -187,13 +187,15 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, kv_start, kv_end, gate, out, lse, ungated)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse, ungated)
+    _backend.remember_backend(ctx, OP)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_ungated):
     q, k, v, kv_start, kv_end, gate, out, lse, ungated = ctx.saved_tensors
-    dq, dk, dv, dgate = gated_cross_attention_bwd_op(
-        grad_out.contiguous(), q, k, v, kv_start, kv_end, gate, out, lse, ungated, ctx.scale
-    )
+    with _backend.backward_backend(ctx, OP):
+        dq, dk, dv, dgate = gated_cross_attention_bwd_op(
+            grad_out.contiguous(), q, k, v, kv_start, kv_end, gate, out, lse, ungated, ctx.scale
+        )
     return dq, dk, dv, None, None, (dgate if gate is not None else None), None
 
 

@@ -114,15 +114,18 @@ def _pixel_shuffle_bwd_fake(grad_out: torch.Tensor, downscale: int, v2: bool) ->
 
 def _setup_context(ctx, inputs, output) -> None:
     _, ctx.downscale, ctx.v2 = inputs
+    _backend.remember_backend(ctx, OP)
 
 
 def _pixel_shuffle_backward(ctx, grad_out: torch.Tensor):
-    return pixel_shuffle_bwd_op(grad_out, ctx.downscale, ctx.v2), None, None
+    with _backend.backward_backend(ctx, OP):
+        return pixel_shuffle_bwd_op(grad_out, ctx.downscale, ctx.v2), None, None
 
 
 def _pixel_shuffle_bwd_backward(ctx, grad_grad_in: torch.Tensor):
     # The backward is a permutation too: its own gradient is the forward (double backward works).
-    return pixel_shuffle_op(grad_grad_in, ctx.downscale, ctx.v2), None, None
+    with _backend.backward_backend(ctx, OP):
+        return pixel_shuffle_op(grad_grad_in, ctx.downscale, ctx.v2), None, None
 
 
 pixel_shuffle_op.register_autograd(_pixel_shuffle_backward, setup_context=_setup_context)

@@ -176,11 +176,13 @@ def _attention_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    _backend.remember_backend(ctx, OP)
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = vit_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    with _backend.backward_backend(ctx, OP):
+        dq, dk, dv = vit_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -266,13 +268,15 @@ def _fused_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k)
     ctx.args = (num_heads, eps, norm_features, scale)
     ctx.mark_non_differentiable(lse, rstd_q, rstd_k)
+    _backend.remember_backend(ctx, OP_FUSED)
 
 
 def _fused_backward(ctx, grad_out, _grad_lse, _grad_rstd_q, _grad_rstd_k):
     qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k = ctx.saved_tensors
-    dqkv, dwq, dwk = vit_qk_norm_attention_bwd_op(
-        grad_out.contiguous(), qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, *ctx.args
-    )
+    with _backend.backward_backend(ctx, OP_FUSED):
+        dqkv, dwq, dwk = vit_qk_norm_attention_bwd_op(
+            grad_out.contiguous(), qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, *ctx.args
+        )
     return dqkv, dwq, dwk, None, None, None, None
 
 

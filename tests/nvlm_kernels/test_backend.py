@@ -168,3 +168,23 @@ def test_eager_fast_path_skips_the_registered_op_only_when_unobservable(monkeypa
         out = nvlm_kernels.pixel_shuffle(fake)
     assert out.shape == (2, 4, 16) and len(calls) == 3
     assert not _backend.eager_fast_path(torch.empty(2, 16, 4, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_backward_runs_on_the_forward_backend(monkeypatch, backend):
+    """``with use_backend(b): y = op(x)`` then ``y.backward()`` outside the block: the backward
+    runs on b too (it is computed from what b's forward saved)."""
+    if _backend.why_unavailable("mlp_projector", backend, "cpu"):
+        pytest.skip(f"{backend}: {_backend.why_unavailable('mlp_projector', backend, 'cpu')}")
+    module = _backend.implementation("nvlm_kernels.mlp_projector", backend)
+    calls = []
+    original = module.projector_bwd
+    monkeypatch.setattr(module, "projector_bwd", lambda *a: calls.append(backend) or original(*a))
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    x = torch.randn(1, 4, 32, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(16, 32, dtype=dtype, requires_grad=True)
+    with nvlm_kernels.use_backend(backend):
+        y = nvlm_kernels.mlp_projector(x, None, None, w1)
+    with nvlm_kernels.use_backend("reference" if backend == "triton" else "auto"):
+        y.float().sum().backward()
+    assert calls == [backend]

@@ -1,0 +1,258 @@
+"""mlp_projector against the projector written the way InternVL / NVLM write it.
+
+The oracle is the published sequence, written here: drop CLS, InternVL's pixel-shuffle reshapes,
+LayerNorm, Linear, GELU, Linear, in float64 (``hi``) and in the kernel's dtype (``lo``); the op's
+output and every gradient must satisfy FlashAttention's rule. Channel sizes are small through the
+Triton interpreter (4·80 -> 96 -> 64); the real NVLM sizes run on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nvlm_kernels as nk
+from nvlm_kernels.mlp_projector import mlp_projector_bwd_op, mlp_projector_op
+from nvlm_kernels.testing import assert_close_flash, require_backend
+
+OP = "mlp_projector"
+NAMES = ("x", "ln_weight", "ln_bias", "w1", "w2", "b1", "b2")
+
+# variant -> (LayerNorm?, two layers?, biases?, activation)
+VARIANTS = {
+    "nvlm-d/h": (True, True, False, "gelu"),
+    "nvlm-x": (False, False, False, "gelu"),
+    "internvl": (True, True, True, "gelu"),
+    "gelu_tanh+ln-x": (True, False, True, "gelu_tanh"),
+}
+
+
+def internvl_pixel_shuffle(x: torch.Tensor, scale: float = 0.5, version: str = "v2") -> torch.Tensor:
+    """InternVL's ``pixel_shuffle`` on [N, h, w, C], as published (the oracle of the gather)."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+def oracle(x, ln_weight, ln_bias, w1, w2, b1, b2, *, eps, activation, shuffle, drop_cls, version="v2"):
+    if drop_cls:
+        x = x[:, 1:]
+    if shuffle:
+        side = int(x.shape[1] ** 0.5)
+        x = internvl_pixel_shuffle(x.reshape(x.shape[0], side, side, -1), 0.5, version)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if ln_weight is not None:
+        x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    h = F.linear(x, w1, b1)
+    if w2 is None:
+        return h
+    return F.linear(F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none"), w2, b2)
+
+
+def make_inputs(variant, images, side, channels, hidden, out, dtype, device, *, shuffle, drop_cls, seed=0):
+    has_ln, two_layer, biases, _ = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(seed)
+    features = channels * 4 if shuffle else channels
+    tokens = side * side if shuffle else side
+    # ViT outputs are not centred: a mean offset makes the LayerNorm's centring matter
+    x = torch.randn(images, tokens + drop_cls, channels, generator=gen) * 2 + 0.5
+    w1 = torch.randn(hidden, features, generator=gen) / features**0.5
+    params = {
+        "x": x,
+        "ln_weight": 1 + 0.2 * torch.randn(features, generator=gen) if has_ln else None,
+        "ln_bias": 0.2 * torch.randn(features, generator=gen) if has_ln else None,
+        "w1": w1,
+        "w2": torch.randn(out, hidden, generator=gen) / hidden**0.5 if two_layer else None,
+        "b1": 0.3 * torch.randn(hidden, generator=gen) if biases else None,
+        "b2": 0.3 * torch.randn(out, generator=gen) if (biases and two_layer) else None,
+    }
+    return {k: (v.to(device, dtype) if v is not None else None) for k, v in params.items()}
+
+
+def check(variant, images, side, channels, hidden, out, dtype, device, *, shuffle, drop_cls, version="v2",
+          x_grad=True, eps=1e-5):  # fmt: skip
+    activation = VARIANTS[variant][3]
+    params = make_inputs(
+        variant, images, side, channels, hidden, out, dtype, device, shuffle=shuffle, drop_cls=drop_cls
+    )
+    kwargs = {"eps": eps, "activation": activation}
+    mine = {k: (v.clone().requires_grad_(k != "x" or x_grad) if v is not None else None) for k, v in params.items()}
+    with nk.use_backend("triton"):
+        y = nk.mlp_projector(*mine.values(), **kwargs, pixel_shuffle=0.5 if shuffle else None, drop_cls=drop_cls,
+                             version=version)  # fmt: skip
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    leaves = [k for k, v in mine.items() if v is not None and v.requires_grad]
+    grads = dict(zip(leaves, torch.autograd.grad(y, [mine[k] for k in leaves], grad), strict=True))
+    refs = {}
+    for tag, cast in (("hi", torch.float64), ("lo", dtype)):
+        # the oracle on the CPU: float16 matmuls there round like the GPU's (fp32 accumulation)
+        ins = {k: (v.detach().cpu().to(cast).requires_grad_() if v is not None else None) for k, v in params.items()}
+        ref = oracle(*ins.values(), **kwargs, shuffle=shuffle, drop_cls=drop_cls, version=version)
+        refs[tag] = (ref, dict(zip(leaves, torch.autograd.grad(ref, [ins[k] for k in leaves], grad.cpu().to(cast)),
+                                   strict=True)))  # fmt: skip
+    assert_close_flash(y.detach().cpu(), refs["lo"][0], refs["hi"][0], name="output")
+    for k in leaves:
+        assert_close_flash(grads[k].cpu(), refs["lo"][1][k], refs["hi"][1][k], name=f"d{k}")
+    with torch.no_grad(), nk.use_backend("triton"):  # the eager fast path (nothing saved)
+        fast = nk.mlp_projector(*params.values(), **kwargs, pixel_shuffle=0.5 if shuffle else None,
+                                drop_cls=drop_cls, version=version)  # fmt: skip
+    assert torch.equal(fast, y.detach())
+
+
+def _dtypes(device):
+    return [torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+# (images, grid side or tokens): 1 token, 27 (odd), 256, 1792 (7 tiles) output tokens
+TOKENS = [(1, 2), (3, 6), (1, 32), (7, 32)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("images, side", TOKENS, ids=["1tok", "27tok", "256tok", "1792tok"])
+def test_fused_shuffle_and_cls_drop(device, variant, images, side, poison_empty):
+    require_backend(OP, "triton", device)
+    if device == "cpu" and images * side * side > 256 and variant != "nvlm-d/h":
+        pytest.skip("the interpreter is slow: the 1792-token case runs for one variant on CPU (all on a GPU)")
+    for dtype in _dtypes(device):
+        check(variant, images, side, 80, 96, 64, dtype, device, shuffle=True, drop_cls=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tokens", [1, 27, 256])
+def test_already_shuffled_tokens(device, variant, tokens, poison_empty):
+    require_backend(OP, "triton", device)
+    for dtype in _dtypes(device):
+        check(variant, 2, tokens, 320, 96, 64, dtype, device, shuffle=False, drop_cls=False)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_shuffle_versions_without_cls(device, version):
+    require_backend(OP, "triton", device)
+    check("nvlm-d/h", 2, 4, 48, 40, 24, torch.float16, device, shuffle=True, drop_cls=False, version=version, eps=1e-6)
+
+
+def test_frozen_input_gets_no_dx(device):
+    """dx is computed only when x requires grad; the weights' gradients are the same either way."""
+    require_backend(OP, "triton", device)
+    check("internvl", 2, 4, 48, 40, 24, torch.float16, device, shuffle=True, drop_cls=True, x_grad=False)
+    params = make_inputs("nvlm-d/h", 1, 4, 48, 40, 24, torch.float16, device, shuffle=True, drop_cls=True)
+    args = (*params.values(), 1e-5, "gelu", 2, True, 1, True)
+    with nk.use_backend("triton"):
+        _, mean, rstd, pre = mlp_projector_op(*args)
+        grad = torch.ones(1, 4, 24, device=device, dtype=torch.float16)
+        grads = mlp_projector_bwd_op(grad, *params.values(), mean, rstd, pre, 1e-5, "gelu", 2, True, 1, 0b1000)
+    assert [g.numel() > 0 for g in grads] == [False, False, False, True, False, False, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real NVLM sizes need a GPU (fp64 oracle of 12800x29568)")
+@pytest.mark.parametrize("variant, hidden, out", [("nvlm-d/h", 29568, 8192), ("nvlm-x", 8192, 8192)])
+def test_real_nvlm_sizes(variant, hidden, out):
+    require_backend(OP, "triton", "cuda")
+    params = make_inputs(variant, 1, 16, 3200, hidden, out, torch.bfloat16, "cuda", shuffle=True, drop_cls=True)
+    with nk.use_backend("triton"):
+        y = nk.mlp_projector(*params.values(), pixel_shuffle=0.5, drop_cls=True)
+    kwargs = {"eps": 1e-5, "activation": "gelu", "shuffle": True, "drop_cls": True}
+    hi = oracle(*(v.double() if v is not None else None for v in params.values()), **kwargs)
+    lo = oracle(*params.values(), **kwargs)
+    assert_close_flash(y, lo, hi)
+
+
+def test_reference_backend_matches_the_oracle():
+    params = make_inputs("internvl", 2, 4, 24, 40, 16, torch.float64, "cpu", shuffle=True, drop_cls=True)
+    ins = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in params.items()}
+    with nk.use_backend("reference"):
+        y = nk.mlp_projector(*ins.values(), pixel_shuffle=0.5, drop_cls=True)
+    ref_ins = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in params.items()}
+    ref = oracle(*ref_ins.values(), eps=1e-5, activation="gelu", shuffle=True, drop_cls=True)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    mine = torch.autograd.grad(y, list(ins.values()), grad)
+    theirs = torch.autograd.grad(ref, list(ref_ins.values()), grad)
+    for name, a, b in zip(NAMES, mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_opcheck_and_compile(device, backend):
+    if backend == "cuda":
+        pytest.skip("mlp_projector has no CUDA C++ kernel (Triton is the kernel backend, cuBLAS the plain GEMMs)")
+    require_backend(OP, backend, device)
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    params = make_inputs("internvl", 2, 4, 32, 48, 16, dtype, device, shuffle=True, drop_cls=True)
+    leaves = [v.requires_grad_() for v in params.values()]
+    args = (*leaves, 1e-5, "gelu", 2, True, 1, True)
+    with nk.use_backend(backend):
+        torch.library.opcheck(mlp_projector_op, args)
+        out, mean, rstd, pre = mlp_projector_op(*args)
+        plain = [v.detach() for v in leaves]
+        torch.library.opcheck(
+            mlp_projector_bwd_op,
+            (torch.randn_like(out).detach(), *plain, mean, rstd, pre, 1e-5, "gelu", 2, True, 1, 0b1111111),
+        )
+        torch._dynamo.reset()
+
+        def loss(*a):
+            return nk.mlp_projector(*a, pixel_shuffle=0.5, drop_cls=True).float().square().sum()
+
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves).backward()
+        got = [v.grad.clone() for v in leaves]
+        for v in leaves:
+            v.grad = None
+        loss(*leaves).backward()
+    for name, a, v in zip(NAMES, got, leaves, strict=True):
+        assert torch.equal(a, v.grad), f"d{name} differs under torch.compile"
+
+
+def _good():
+    return make_inputs("nvlm-d/h", 2, 4, 8, 12, 6, torch.float32, "cpu", shuffle=True, drop_cls=True)
+
+
+@pytest.mark.parametrize(
+    "change, kwargs, words",
+    [
+        (lambda p: {**p, "w1": p["w1"][:, :-1]}, {}, ["w1", "[hidden, 32]", "x 4 from the pixel shuffle"]),
+        (lambda p: {**p, "ln_weight": p["ln_weight"][:-1]}, {}, ["ln_weight", "(32,)"]),
+        (lambda p: {**p, "ln_weight": None}, {}, ["ln_bias needs ln_weight"]),
+        (lambda p: {**p, "w2": p["w2"][:, :-1]}, {}, ["w2", "[out, 12]"]),
+        (lambda p: {**p, "w2": None, "b2": torch.zeros(6)}, {}, ["b2 needs w2"]),
+        (lambda p: {**p, "b1": torch.zeros(3)}, {}, ["b1", "(12,)"]),
+        (lambda p: {**p, "w1": p["w1"].double()}, {}, ["w1", "dtype"]),
+        (lambda p: {**p, "x": p["x"][0]}, {}, ["x", "3 dims"]),
+        (lambda p: {**p, "x": p["x"].long()}, {}, ["x", "dtype"]),
+        (lambda p: p, {"drop_cls": False}, ["square", "drop_cls=True"]),
+        (lambda p: {**p, "x": p["x"][:, :-1]}, {}, ["square"]),
+        (lambda p: p, {"pixel_shuffle": 0.3}, ["scale_factor"]),
+        (lambda p: p, {"activation": "relu"}, ["activation"]),
+        (lambda p: p, {"eps": 0.0}, ["eps"]),
+        (lambda p: p, {"version": "v3"}, ["version"]),
+    ],
+)
+def test_bad_input(change, kwargs, words):
+    params = change(_good())
+    kwargs = {"pixel_shuffle": 0.5, "drop_cls": True, **kwargs}
+    with pytest.raises((ValueError, TypeError)) as info:
+        nk.mlp_projector(*params.values(), **kwargs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device to mix")
+def test_mixed_devices():
+    params = _good()
+    params["w1"] = params["w1"].cuda()
+    with pytest.raises(ValueError, match="w1 is on cuda"):
+        nk.mlp_projector(*params.values(), pixel_shuffle=0.5, drop_cls=True)
+
+
+def test_empty_batch(device, backend):
+    if backend == "cuda":
+        pytest.skip("mlp_projector has no CUDA C++ kernel")
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    require_backend(OP, backend, device)
+    params = make_inputs("nvlm-d/h", 0, 4, 8, 12, 6, dtype, device, shuffle=True, drop_cls=True)
+    with nk.use_backend(backend):
+        y = nk.mlp_projector(*params.values(), pixel_shuffle=0.5, drop_cls=True)
+    assert y.shape == (0, 4, 6)
