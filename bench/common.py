@@ -163,6 +163,7 @@ ROW_FIELDS = [
     "value",
     "floor_us",
     "pct_of_floor",
+    "peak_mib",
     "device",
     "torch",
     "triton",
@@ -170,6 +171,16 @@ ROW_FIELDS = [
     "git_sha",
     "date",
 ]
+
+
+def _peak_mib(fn: Callable[[], Any]) -> float:
+    """GPU memory one call allocates beyond what was allocated before it (MiB, its peak)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
@@ -183,6 +194,7 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
     try:
         if case.check is not None:
             case.check()
+        peak_mib = _peak_mib(case.fn) if device == "cuda" else float("nan")
         p20, p50, p80 = time_quantiles_us(case.fn, device)
         eager = eager_us(case.fn, device)
     except Exception as exc:  # report and go on: one broken provider must not hide the others
@@ -205,6 +217,7 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         value=f"{value:.4g}",
         floor_us=f"{floor_us:.2f}",
         pct_of_floor=f"{100 * floor_us / p50:.1f}" if device == "cuda" and floor_us > 0 else "",
+        peak_mib="" if math.isnan(peak_mib) else f"{peak_mib:.0f}",
     )
     return row
 
@@ -252,19 +265,20 @@ def markdown_table(rows: list[dict[str, Any]], baseline_provider: str | None = N
         if r["provider"] == baseline_provider and r["status"] == "ok"
     }
     lines = [
-        "| kernel | shape | dtype | provider | p50 µs (p20–p80) | throughput | % of floor | vs "
+        "| kernel | shape | dtype | provider | p50 µs (p20–p80) | throughput | % of floor | peak MiB | vs "
         f"{baseline_provider or '-'} |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         key = (r["kernel"], r["shape"], r["dtype"])
         if r["status"] != "ok":
-            lines.append(f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['status']} | | | |")
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['status']} | | | | |")
             continue
         speedup = f"{base[key] / float(r['p50_us']):.2f}×" if key in base else ""
         lines.append(
             f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['p50_us']} "
-            f"({r['p20_us']}–{r['p80_us']}) | {r['value']} {r['metric']} | {r['pct_of_floor']} | {speedup} |"
+            f"({r['p20_us']}–{r['p80_us']}) | {r['value']} {r['metric']} | {r['pct_of_floor']} "
+            f"| {r.get('peak_mib', '')} | {speedup} |"
         )
     return "\n".join(lines)
 

@@ -40,13 +40,14 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per architecture (Hopper?); every entry is
 # compiled by `make triton-aot` for its architecture with triton 3.6 and 3.8 and must not spill.
 GEMM_TABLE = {
-    True: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
-    False: [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+    True: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
+    False: [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
 }
 INTERPRETER_GEMM = (64, 64, 64, 4, 1)
 GROUP_M = 8
 _ROW_BLOCK = 4  # rows per program of the row-statistics kernels
 _TILE = (32, 256)  # (rows, features) per program of the elementwise LayerNorm kernels
+_TILE_BWD = (16, 256)  # the same for the LayerNorm backward (more live values: 32 rows spill)
 
 
 def _as_config(entry) -> triton.Config:
@@ -428,7 +429,7 @@ def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, p
     partials = has_ln and (need_g or need_b)
     if need_x or partials:
         dz = dh @ w1  # [M, K]
-        block_r, block_k = _TILE
+        block_r, block_k = _TILE_BWD
         grid = (triton.cdiv(m, block_r), triton.cdiv(k, block_k))
         empty = x.new_empty(0)
         s1 = s2 = empty.float()
@@ -511,7 +512,7 @@ def aot_specs() -> list[dict]:
                                            "BLOCK_K": _TILE[1]}),
         ("ln_bwd_rowsum", _ln_bwd_rowsum_kernel, 7, {"BLOCK_R": _ROW_BLOCK, "BLOCK_K": 1024}),
         ("ln_bwd", _ln_bwd_kernel, 10, {"HAS_LN": True, "WRITE_DX": True, "PARTIALS": True,
-                                        "BLOCK_R": _TILE[0], "BLOCK_K": _TILE[1]}),
+                                        "BLOCK_R": _TILE_BWD[0], "BLOCK_K": _TILE_BWD[1]}),
     ]  # fmt: skip
     for name, fn, n_pointers, constexprs in plain:
         names = fn.arg_names

@@ -1,0 +1,173 @@
+"""MLP projector benchmark (targets.md c, c′): from the ViT output to LLM embeddings.
+
+Shapes (bf16 on a GPU): 256, 1792 and 7168 projector tokens (1, 7 and 28 tiles of [1025, 3200] ViT
+output, CLS dropped, 0.5 pixel shuffle) at NVLM-72B's D/H projector (LayerNorm(12800) -> 12800x29568
+-> GELU -> 29568x8192, no biases) and NVLM-X's single Linear 12800x8192; forward and
+forward+backward (the projector is trained in every stage).
+
+Providers: ``triton`` (ours: the shuffle and LayerNorm in the first GEMM's loads, GELU in its
+epilogue, cuBLAS for the second GEMM and the backward GEMMs), ``reference`` (our op's plain-PyTorch
+backend), ``eager`` (the InternVL/NVLM way:
+slice + pixel_shuffle copies, LayerNorm, Linear, GELU, Linear as nn modules), ``eager+compile``
+(the same under torch.compile) and ``hf-internvl`` when transformers ships InternVL's projector.
+TFLOP/s count the GEMMs only (2·M·K·N each; backward 2× that, dx included); the ``peak MiB``
+column is the memory one call allocates beyond its inputs.
+Targets (H100): D/H <= 2.8 ms at 1792 tokens; X <= 0.48 ms; never slower than eager at any size.
+
+    python bench/bench_projector.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import nvlm_kernels as nk
+
+from common import Case, close_to, environment, format_table, measure, skipped
+
+KERNEL = "projector.fwd"
+KERNEL_BWD = "projector.fwd+bwd"
+BASELINE = "eager"
+
+
+def _eager_fn(x, ln_w, ln_b, w1, w2):
+    def run():
+        t = x[:, 1:]
+        n, length, c = t.shape
+        side = int(length**0.5)
+        t = t.reshape(n, side, side // 2, c * 2).permute(0, 2, 1, 3).contiguous()
+        t = t.reshape(n, side // 2, side // 2, c * 4).permute(0, 2, 1, 3).contiguous().reshape(n, -1, c * 4)
+        if ln_w is not None:
+            t = F.layer_norm(t, (t.shape[-1],), ln_w, ln_b, 1e-5)
+        h = F.linear(t, w1)
+        return F.linear(F.gelu(h), w2) if w2 is not None else h
+
+    return run
+
+
+def _ours_fn(x, ln_w, ln_b, w1, w2):
+    def run():
+        with nk.use_backend("triton"):
+            return nk.mlp_projector(x, ln_w, ln_b, w1, w2, pixel_shuffle=0.5, drop_cls=True)
+
+    return run
+
+
+def _reference_fn(x, ln_w, ln_b, w1, w2):
+    def run():
+        with nk.use_backend("reference"):
+            return nk.mlp_projector(x, ln_w, ln_b, w1, w2, pixel_shuffle=0.5, drop_cls=True)
+
+    return run
+
+
+def _compiled_fn(x, ln_w, ln_b, w1, w2):
+    return torch.compile(_eager_fn(x, ln_w, ln_b, w1, w2))
+
+
+def _hf_reason() -> str:
+    try:
+        from transformers.models.internvl import modeling_internvl  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - optional dependency
+        return f"transformers' InternVL is not importable here ({type(exc).__name__})"
+    return "transformers' InternVL projector: biases, LLM-width hidden layer; not NVLM's shape (eager is its math)"
+
+
+def _with_backward(factory, x, params):
+    leaves = [p.detach().requires_grad_() if p is not None else None for p in params]
+    x = x.detach().requires_grad_()
+    fn = factory(x, *leaves)
+
+    def run():
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return out
+
+    return run
+
+
+def cases(device: str, quick: bool = False) -> list[Case]:
+    on_gpu = device == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dt = str(dtype).removeprefix("torch.")
+    vit_c, side = (3200, 32) if on_gpu else (64, 8)
+    shapes = {"D/H": (29568, 8192), "X": (None, 8192)} if on_gpu else {"D/H": (384, 128), "X": (None, 128)}
+    tile_counts = [1, 7, 28] if on_gpu else [1, 7]
+    if quick:
+        tile_counts = tile_counts[:1]
+    triton_reason = nk.available_backends("mlp_projector", device)["triton"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    out: list[Case] = []
+    k = 4 * vit_c
+    for variant, (hidden, width) in shapes.items():
+        first = hidden or width
+        ln_w = torch.ones(k, device=device, dtype=dtype) if hidden else None
+        ln_b = torch.zeros(k, device=device, dtype=dtype) if hidden else None
+        w1 = torch.randn(first, k, generator=gen, device=device, dtype=dtype) / k**0.5
+        w2 = torch.randn(width, hidden, generator=gen, device=device, dtype=dtype) / hidden**0.5 if hidden else None
+        for tiles in tile_counts:
+            x = torch.randn(tiles, side * side + 1, vit_c, generator=gen, device=device, dtype=dtype)
+            m = tiles * side * side // 4
+            flops = 2 * m * k * first + (2 * m * hidden * width if hidden else 0)
+            shape = f"{variant} {m} tokens"
+            expected = _eager_fn(x.float(), *(p.float() if p is not None else None for p in (ln_w, ln_b, w1, w2)))()
+            tolerance = dict(atol=5e-2, rtol=5e-2) if on_gpu else dict(atol=1e-3, rtol=1e-3)
+            providers = {
+                "triton": _ours_fn,
+                "eager": _eager_fn,
+                "eager+compile": _compiled_fn,
+                "reference": _reference_fn,
+                "hf-internvl": None,
+            }
+            for provider, factory in providers.items():
+                if provider == "triton" and triton_reason:
+                    out += [skipped(k_, provider, shape, dt, triton_reason) for k_ in (KERNEL, KERNEL_BWD)]
+                    continue
+                if provider == "hf-internvl":
+                    out.append(skipped(KERNEL, provider, shape, dt, _hf_reason()))
+                    continue
+                if provider == "eager+compile" and not on_gpu:
+                    out.append(skipped(KERNEL, provider, shape, dt, "torch.compile is benchmarked on CUDA only"))
+                    continue
+                fn = factory(x, ln_w, ln_b, w1, w2)
+                check = close_to(fn, expected, **tolerance)
+                out.append(Case(KERNEL, provider, shape, dt, fn, flops=flops, check=check))
+                if provider != "eager+compile":
+                    bwd = _with_backward(factory, x, (ln_w, ln_b, w1, w2))
+                    out.append(Case(KERNEL_BWD, provider, shape, dt, bwd, flops=3 * flops))
+    return out
+
+
+def targets(rows: list[dict]) -> list[str]:
+    ok = {(r["kernel"], r["shape"], r["provider"]): float(r["p50_us"]) for r in rows if r["status"] == "ok"}
+    if not ok or "CPU" in rows[0]["device"]:
+        return ["projector targets: not evaluated (needs a CUDA run)"]
+    lines = []
+    for (kern, shape, provider), t in sorted(ok.items()):
+        if provider != "triton" or not kern.startswith("projector"):
+            continue
+        parts = [f"{t:.0f} us"]
+        if kern == KERNEL and shape == "D/H 1792 tokens":
+            parts.append(f"{'MET' if t <= 2800 else 'NOT MET'} (<= 2800 us)")
+        if kern == KERNEL and shape == "X 1792 tokens":
+            parts.append(f"{'MET' if t <= 480 else 'NOT MET'} (<= 480 us)")
+        for peer in ("eager", "eager+compile"):
+            if (kern, shape, peer) in ok:
+                r = ok[(kern, shape, peer)] / t
+                need = 1.0
+                parts.append(f"{r:.2f}x {peer} -> {'MET' if r >= need else 'NOT MET'} (>= {need}x)")
+        lines.append(f"{kern} {shape}: " + "; ".join(parts))
+    return lines
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    rows = [measure(c, device, env) for c in cases(device)]
+    print(format_table(rows, BASELINE))
+    print("\n".join(targets(rows)))
+
+
+if __name__ == "__main__":
+    main()
