@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import nvlm_kernels as nk
 
-from common import Case, close_to, environment, format_table, measure, skipped
+from common import Case, close_to, run_module, skipped
 
 KERNEL = "cross_attention.fwd"
 KERNEL_BWD = "cross_attention.bwd"
@@ -226,13 +226,7 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    rows = [measure(c, device, env) for c in cases(device)]
-    print(format_table(rows, BASELINE))
-    print("\n".join(targets(rows)))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    run_module(sys.modules[__name__])

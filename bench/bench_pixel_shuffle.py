@@ -21,7 +21,7 @@ import torch
 import nvlm_kernels as nk
 from nvlm_kernels.pixel_shuffle import reference
 
-from common import Case, environment, format_table, measure, skipped
+from common import Case, run_module, skipped
 
 KERNEL_FWD = "pixel_shuffle.fwd"
 KERNEL_BWD = "pixel_shuffle.bwd"
@@ -163,12 +163,7 @@ def targets(rows: list[dict]) -> list[str]:
     ]
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    rows = [measure(c, device, env) for c in cases(device)]
-    print(format_table(rows, BASELINE))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    run_module(sys.modules[__name__])

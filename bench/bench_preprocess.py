@@ -21,7 +21,7 @@ from PIL import Image
 
 import nvlm_kernels as nk
 
-from common import Case, environment, format_table, measure, skipped
+from common import Case, run_module, skipped
 
 KERNEL = "preprocess"
 BASELINE = "internvl"
@@ -140,13 +140,7 @@ def targets(rows: list[dict]) -> list[str]:
     return lines or ["preprocess targets: not evaluated (no baseline rows)"]
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    rows = [measure(c, device, env) for c in cases(device)]
-    print(format_table(rows, BASELINE))
-    print("\n".join(targets(rows)))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    run_module(sys.modules[__name__])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import nvlm_kernels as nk
 
-from common import Case, close_to, environment, format_table, measure, skipped
+from common import Case, close_to, run_module, skipped
 
 KERNEL = "vit_attention.fwd"
 KERNEL_BWD = "vit_attention.bwd"
@@ -265,13 +265,7 @@ def targets(rows: list[dict]) -> list[str]:
     return lines or ["vit_attention targets: not evaluated (needs a CUDA run with Triton and SDPA rows)"]
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    rows = [measure(c, device, env) for c in cases(device)]
-    print(format_table(rows, BASELINE))
-    print("\n".join(targets(rows)))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    run_module(sys.modules[__name__])

@@ -323,3 +323,13 @@ def plot(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+def run_module(module: Any) -> None:
+    """``python bench/bench_<op>.py``: measure that module's cases here, print its table and targets."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    rows = [measure(c, device, env) for c in module.cases(device)]
+    print(format_table(rows, getattr(module, "BASELINE", None)))
+    if hasattr(module, "targets"):
+        print("\n".join(module.targets(rows)))

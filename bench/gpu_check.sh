@@ -90,13 +90,15 @@ if want sanitizer; then
         # memcheck: a small subset on CUDA tensors covering every kernel path (pixel shuffle: dtypes,
         # strides, copy units, empty; preprocessing: every job kind, dtypes, strided and 1/4-channel
         # inputs; ViT attention: forward, backward and the fused QK-norm at small shapes; cross
-        # attention: forward and backward over every kind of range, GQA 8, decode with split-K).
+        # attention: forward and backward over every kind of range, GQA 8, decode with split-K;
+        # projector: gathered LayerNorm + GEMM, every variant's backward, at an odd token count).
         step "compute-sanitizer memcheck" 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
             "$PY" -m pytest tests/nvlm_kernels/test_pixel_shuffle.py tests/nvlm_kernels/test_preprocess.py \
-            tests/nvlm_kernels/test_vit_attention.py tests/nvlm_kernels/test_cross_attention.py -q -p no:cacheprovider \
+            tests/nvlm_kernels/test_vit_attention.py tests/nvlm_kernels/test_cross_attention.py \
+            tests/nvlm_kernels/test_mlp_projector.py -q -p no:cacheprovider \
             -k "not cpu and (dtypes_exact or strided or copy_unit or empty_batch or double_backward or \
 kernel_equals_pillow or kernel_dtypes or kernel_rejects or 1x97x25x64 or 2x65x4x64 or \
-2-97-130-4-2-64 or 1-64-300-8-1-128 or decode_matches)"
+2-97-130-4-2-64 or 1-64-300-8-1-128 or decode_matches or 27tok)"
         # racecheck: the kernels that use shared memory (the attention kernels).
         step "compute-sanitizer racecheck" 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
             "$PY" -m pytest tests/nvlm_kernels/test_vit_attention.py tests/nvlm_kernels/test_cross_attention.py -q \
