@@ -46,20 +46,17 @@ def _eager_fn(x, ln_w, ln_b, w1, w2):
     return run
 
 
-def _ours_fn(x, ln_w, ln_b, w1, w2):
-    def run():
-        with nk.use_backend("triton"):
-            return nk.mlp_projector(x, ln_w, ln_b, w1, w2, pixel_shuffle=0.5, drop_cls=True)
+def _op_fn(backend: str):
+    """Our op on ``backend``, called the way a model calls it (raw ViT output, shuffle inside)."""
 
-    return run
+    def factory(x, ln_w, ln_b, w1, w2):
+        def run():
+            with nk.use_backend(backend):
+                return nk.mlp_projector(x, ln_w, ln_b, w1, w2, pixel_shuffle=0.5, drop_cls=True)
 
+        return run
 
-def _reference_fn(x, ln_w, ln_b, w1, w2):
-    def run():
-        with nk.use_backend("reference"):
-            return nk.mlp_projector(x, ln_w, ln_b, w1, w2, pixel_shuffle=0.5, drop_cls=True)
-
-    return run
+    return factory
 
 
 def _compiled_fn(x, ln_w, ln_b, w1, w2):
@@ -114,10 +111,10 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             expected = _eager_fn(x.float(), *(p.float() if p is not None else None for p in (ln_w, ln_b, w1, w2)))()
             tolerance = dict(atol=5e-2, rtol=5e-2) if on_gpu else dict(atol=1e-3, rtol=1e-3)
             providers = {
-                "triton": _ours_fn,
+                "triton": _op_fn("triton"),
                 "eager": _eager_fn,
                 "eager+compile": _compiled_fn,
-                "reference": _reference_fn,
+                "reference": _op_fn("reference"),
                 "hf-internvl": None,
             }
             for provider, factory in providers.items():

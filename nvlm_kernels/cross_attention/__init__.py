@@ -17,11 +17,10 @@ kernels from ever reading outside the keys; the kernels clamp them as well.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nvlm_kernels import _backend, _nvtx
+from nvlm_kernels._checks import softmax_scale_from
 from nvlm_kernels.cross_attention.ranges import POLICIES, cross_attention_ranges, ranges_from_mask
 
 OP = "gated_cross_attention"
@@ -82,16 +81,6 @@ def _check_inputs(q, k, v, kv_start, kv_end, gate, check_values: bool = True) ->
                 f"kv_start/kv_end[{bi}, {i}] = [{int(kv_start[bi, i])}, {int(kv_end[bi, i])}) is not a range "
                 f"in [0, Skv = {skv}] with start <= end"
             )
-
-
-def _check_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    return float(softmax_scale)
 
 
 def _kernel_reason(q: torch.Tensor) -> str | None:
@@ -215,7 +204,7 @@ def gated_cross_attention(
     """softmax(scale · q kᵀ) v over each row's key range [kv_start, kv_end), times tanh(gate);
     exactly 0 for rows with an empty range. Returns [B, Sq, Hq, D]."""
     _check_inputs(q, k, v, kv_start, kv_end, gate)
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = softmax_scale_from(softmax_scale, q.shape[-1])
     tensors = (q, k, v, kv_start, kv_end) + ((gate,) if gate is not None else ())
     if _backend.eager_fast_path(*tensors):
         impl, backend = _backend_module(q)

@@ -55,11 +55,9 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 def projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, r, v2, cls, save_for_backward):
     rows = _gather(x, r, v2, cls)
     mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    if ln_weight is not None and rows.numel():
-        var, mean = torch.var_mean(rows.to(_acc(x)), dim=-1, unbiased=False)
-        mean, rstd = mean.float(), torch.rsqrt(var + eps).float()
-    if ln_weight is not None:
-        rows = F.layer_norm(rows, (rows.shape[-1],), ln_weight, ln_bias, eps)
+    if ln_weight is not None:  # the statistics come out of the same pass (the backward recomputes its own)
+        rows, mean, rstd = torch.native_layer_norm(rows, (rows.shape[-1],), ln_weight, ln_bias, eps)
+        mean, rstd = mean.reshape(-1).float(), rstd.reshape(-1).float()
     hidden = F.linear(rows, w1, b1)
     pre = hidden if (w2 is not None and save_for_backward) else x.new_empty(0)
     out = F.linear(_act(hidden, activation), w2, b2) if w2 is not None else hidden

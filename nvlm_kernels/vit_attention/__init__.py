@@ -24,6 +24,7 @@ import math
 import torch
 
 from nvlm_kernels import _backend, _nvtx
+from nvlm_kernels._checks import softmax_scale_from
 
 OP = "vit_attention"
 OP_FUSED = "vit_qk_norm_attention"
@@ -37,16 +38,6 @@ _backend.register_op(OP_FUSED, has_triton=True, cuda_op=None)
 
 # --------------------------------------------------------------------------------------------------
 # validation
-
-
-def _check_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    return float(softmax_scale)
 
 
 def _check_floating(t, name: str) -> None:
@@ -194,7 +185,7 @@ def vit_attention(
 ) -> torch.Tensor:
     """Non-causal attention over every tile: q, k, v [T, S, H, D] -> [T, S, H, D] (contiguous)."""
     _check_qkv(q, k, v)
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = softmax_scale_from(softmax_scale, q.shape[-1])
     if _backend.eager_fast_path(q, k, v):
         return _attention_fwd(q, k, v, scale)[0]
     return vit_attention_op(q, k, v, scale)[0]
@@ -298,7 +289,7 @@ def vit_qk_norm_attention(
     qkv [T, S, 3·H·D] (q, k, v blocks of H heads each, as the fused projection writes them);
     weights [H·D]; returns [T, S, H, D]."""
     head_dim, norm_features = _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
-    scale = _check_scale(softmax_scale, head_dim)
+    scale = softmax_scale_from(softmax_scale, head_dim)
     eps = float(eps)
     if _backend.eager_fast_path(qkv, q_norm_weight, k_norm_weight):
         return _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)[0]
