@@ -88,8 +88,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     dt = str(dtype).removeprefix("torch.")
-    vit_c, side = (3200, 32) if on_gpu else (64, 8)
-    shapes = {"D/H": (29568, 8192), "X": (None, 8192)} if on_gpu else {"D/H": (384, 128), "X": (None, 128)}
+    vit_c, side = (3200, 32) if on_gpu else (128, 16)
+    shapes = {"D/H": (29568, 8192), "X": (None, 8192)} if on_gpu else {"D/H": (1024, 256), "X": (None, 256)}
     tile_counts = [1, 7, 28] if on_gpu else [1, 7]
     if quick:
         tile_counts = tile_counts[:1]

@@ -161,27 +161,16 @@ def mlp_projector_bwd_op(
     """(dx, dln_weight, dln_bias, dw1, dw2, db1, db2); bit i of ``needs`` asks for gradient i,
     the others come back empty."""
     wanted = tuple(bool(needs >> i & 1) for i in range(7))
-    with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
-        grads = _impl(x).projector_bwd(
-            grad_out,
-            x,
-            ln_weight,
-            ln_bias,
-            w1,
-            w2,
-            b1,
-            b2,
-            mean,
-            rstd,
-            pre,
-            eps,
-            activation,
-            downscale,
-            v2,
-            cls,
-            wanted,
-        )
+    grads = _backward_grads(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation,
+                            downscale, v2, cls, wanted)  # fmt: skip
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _backward_grads(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation,
+                    downscale, v2, cls, wanted):  # fmt: skip
+    with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
+        return _impl(x).projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps,
+                                      activation, downscale, v2, cls, wanted)  # fmt: skip
 
 
 @mlp_projector_bwd_op.register_fake
@@ -214,6 +203,28 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre):
 
 
 mlp_projector_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerProjector(torch.autograd.Function):
+    """The registered op's forward and backward for plain eager training calls, without
+    torch.library's dispatch (see ``_backend.eager_autograd_path``); compile, fake tensors and
+    opcheck go through the registered op."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls):
+        args = (x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls)
+        out, mean, rstd, pre = _forward(*args, True)
+        ctx.save_for_backward(x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre)
+        ctx.meta = (eps, activation, downscale, v2, cls)
+        _backend.remember_backend(ctx, OP)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        wanted = ctx.needs_input_grad[:7]
+        with _backend.backward_backend(ctx, OP):
+            grads = _backward_grads(grad_out.contiguous(), *ctx.saved_tensors, *ctx.meta, wanted)
+        return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), None, None, None, None, None)
 
 
 def mlp_projector(
@@ -262,7 +273,7 @@ def mlp_projector(
     _check_inputs(x, ln_weight, ln_bias, w1, w2, b1, b2, downscale, cls)
     tensors = tuple(t for t in (x, ln_weight, ln_bias, w1, w2, b1, b2) if t is not None)
     args = (x, ln_weight, ln_bias, w1, w2, b1, b2, float(eps), activation, downscale, version == "v2", cls)
-    if _backend.eager_fast_path(*tensors):
-        return _forward(*args, False)[0]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if _backend.eager_autograd_path(*tensors):
+        return _EagerProjector.apply(*args) if save else _forward(*args, False)[0]
     return mlp_projector_op(*args, save)[0]

@@ -2,13 +2,11 @@
 
 Forward: drop CLS, pixel-shuffle (InternVL's reshape sequence), LayerNorm, Linear, activation,
 Linear — what InternVL's / NVLM's ``mlp1`` does, with the same roundings (each step's output in the
-input dtype). The backward is written out (LayerNorm's, GELU's and the linears' gradients) from the
-saved row statistics and pre-activation, mirroring the kernels' data flow.
+input dtype). The backward is eager autograd's chain (the linears' gradients, ATen's GELU and LayerNorm
+backward kernels) from the saved pre-activation: the same speed and roundings as the eager module.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +33,8 @@ def _scatter(grad_rows: torch.Tensor, shape, r: int, v2: bool, cls: int) -> torc
     return out
 
 
-def _gelu_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return 0.5 * (1 + torch.erf(h / math.sqrt(2))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-    u = math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)
-    t = torch.tanh(u)
-    return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * h * h)
-
-
 def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """The dtype statistics and gradients are accumulated in (float32, float64 for float64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, r, v2, cls, save_for_backward):
@@ -66,8 +51,10 @@ def projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, r, v2,
 
 
 def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation, r, v2, cls, needs):
-    """The saved float32 statistics are recomputed in the accumulation dtype (exact for float64)."""
-    acc = _acc(x)
+    """Eager autograd's data flow with ATen's own backward kernels (``gelu_backward``,
+    ``native_layer_norm_backward``), so the CPU path runs at eager's speed. LayerNorm's statistics
+    are recomputed with the normalized rows (one ``native_layer_norm`` pass, needed for dW1 anyway)
+    rather than taken from the saved float32 ones, which keeps float64 exact."""
     need_x, need_g, need_b, need_w1, need_w2, need_b1, need_b2 = needs
     dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
     dw2 = db2 = None
@@ -76,29 +63,23 @@ def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, p
             dw2 = dy.t() @ _act(pre, activation)
         if need_b2:
             db2 = dy.sum(0)
-        dh = ((dy @ w2).to(acc) * _gelu_grad(pre.to(acc), activation)).to(x.dtype)
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        dh = torch.ops.aten.gelu_backward(dy @ w2, pre, approximate=approximate)
     else:
         dh = dy
     db1 = dh.sum(0) if need_b1 else None
     rows = _gather(x, r, v2, cls)
-    xhat = None
+    z = rows
     if ln_weight is not None:
-        var, mean = torch.var_mean(rows.to(acc), dim=-1, unbiased=False)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (rows.to(acc) - mean[:, None]) * rstd[:, None]
-        z = (xhat * ln_weight.to(acc) + (ln_bias.to(acc) if ln_bias is not None else 0)).to(x.dtype)
-    else:
-        z = rows
+        z, row_mean, row_rstd = torch.native_layer_norm(rows, (rows.shape[-1],), ln_weight, ln_bias, eps)
     dw1 = dh.t() @ z if need_w1 else None
     dx = dgamma = dbeta = None
     if need_x or need_g or need_b:
-        dz = (dh @ w1).to(acc)
+        dz = dh @ w1
         if ln_weight is not None:
-            dgamma = (dz * xhat).sum(0).to(ln_weight.dtype) if need_g else None
-            dbeta = dz.sum(0).to(ln_weight.dtype) if need_b else None
-            g = dz * ln_weight.to(acc)
-            k = g.shape[-1]
-            dz = rstd[:, None] * (g - g.sum(-1, keepdim=True) / k - xhat * (g * xhat).sum(-1, keepdim=True) / k)
+            dz, dgamma, dbeta = torch.ops.aten.native_layer_norm_backward(
+                dz, rows, (rows.shape[-1],), row_mean, row_rstd, ln_weight, ln_bias, [need_x, need_g, need_b]
+            )
         if need_x:
-            dx = _scatter(dz.to(x.dtype), x.shape, r, v2, cls)
+            dx = _scatter(dz, x.shape, r, v2, cls)
     return dx, dgamma, dbeta, dw1, dw2, db1, db2

@@ -1,4 +1,4 @@
-"""Pixel shuffle in plain PyTorch: InternVL's reshape sequence (nvlm-spec §4.1).
+"""Pixel shuffle in plain PyTorch: the permutation of InternVL's reshape sequence (nvlm-spec §4.1).
 
 x [N, L, C] with L = side², side divisible by r (r = 1/scale_factor). Per token grid [side, side]
 (row, column):
@@ -19,28 +19,37 @@ import math
 import torch
 
 
-def pixel_shuffle_fwd(x: torch.Tensor, downscale: int, v2: bool) -> torch.Tensor:
+def _blocks(x: torch.Tensor, r: int) -> torch.Tensor:
+    """[N, side², C] -> the view [N, side/r (row block i), r (dr), side/r (column block j), r (dc), C]."""
     n, length, channels = x.shape
-    side = math.isqrt(length)
+    blocks = math.isqrt(length) // r
+    return x.reshape(n, blocks, r, blocks, r, channels)
+
+
+def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    # The custom op's output must never alias its input (a reshape of a permutation of size-1 axes,
+    # r = 1, can stay a view).
+    return out.clone() if out.data_ptr() == src.data_ptr() else out
+
+
+def pixel_shuffle_fwd(x: torch.Tensor, downscale: int, v2: bool) -> torch.Tensor:
+    """The index map as one permutation, so the result is written by a single copy (InternVL's
+    sequence of reshapes and permutes copies twice): out tokens (i, j) (v2) or (j, i) (v1), channels
+    (dr, dc, ch)."""
+    n, length, channels = x.shape
     r = downscale
-    grid = x.reshape(n, side, side, channels)
-    grid = grid.reshape(n, side, side // r, channels * r)
-    grid = grid.permute(0, 2, 1, 3).reshape(n, side // r, side // r, channels * r * r)
-    if v2:
-        grid = grid.permute(0, 2, 1, 3)
-    # A fresh tensor: the custom op's output must never alias its input.
-    return grid.reshape(n, length // (r * r), channels * r * r).clone(memory_format=torch.contiguous_format)
+    order = (0, 1, 3, 2, 4, 5) if v2 else (0, 3, 1, 2, 4, 5)
+    out = _blocks(x, r).permute(order).reshape(n, length // (r * r), channels * r * r)
+    return _fresh(out, x)
 
 
 def pixel_shuffle_bwd(grad_out: torch.Tensor, downscale: int, v2: bool) -> torch.Tensor:
     """The inverse permutation: grad_in[n, t, ch] = grad_out at the place token t's channel went."""
     n, out_length, out_channels = grad_out.shape
     r = downscale
-    side_out = math.isqrt(out_length)
+    blocks = math.isqrt(out_length)
     channels = out_channels // (r * r)
-    grid = grad_out.reshape(n, side_out, side_out, out_channels)
-    if v2:
-        grid = grid.permute(0, 2, 1, 3)
-    # grid is [n, side/r (column blocks), side/r (row blocks), r²C]; undo the row merge and the swap
-    grid = grid.reshape(n, side_out, side_out * r, channels * r).permute(0, 2, 1, 3)
-    return grid.reshape(n, out_length * r * r, channels).clone(memory_format=torch.contiguous_format)
+    grid = grad_out.reshape(n, blocks, blocks, r, r, channels)  # [n, i, j, dr, dc, ch] (v2); [n, j, i, ...] (v1)
+    order = (0, 1, 3, 2, 4, 5) if v2 else (0, 2, 3, 1, 4, 5)
+    out = grid.permute(order).reshape(n, out_length * r * r, channels)
+    return _fresh(out, grad_out)
