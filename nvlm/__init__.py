@@ -1,10 +1,37 @@
 """Thin NVLM-D / NVLM-X / NVLM-H model layer built on the public API of nvlm_kernels.
 
-So far: ``MLPProjector``, the vision-to-language projector ("mlp1"), loadable from Hugging Face
-checkpoints by its parameter names. The decoder, cross-attention layers and the whole models follow
-(issue 7).
+    import nvlm
+    model = nvlm.build_model("tiny-h")                          # or "nvlm-d-72b" on device="meta"
+    processor = nvlm.NVLMProcessor(nvlm.ByteTokenizer(), model.config)
+    out = model(processor([{"role": "user", "content": "<image> What is this?"}], [image]))
+
+Modules: ``config`` (NVLMConfig and presets), ``vision`` (InternViT), ``projector`` (mlp1),
+``llm`` (Qwen2 decoder with a KV cache), ``xattn`` (gated cross-attention blocks), ``model`` (the
+three variants), ``processor`` (ChatML prompts with tiles and tags), ``tokenizer`` (a byte
+tokenizer for the tiny presets), ``checkpoint`` (Hugging Face NVLM-D and our own safetensors),
+``training`` (what each stage trains).
 """
 
+from nvlm.config import PRESETS as MODEL_PRESETS
+from nvlm.config import NVLMConfig
+from nvlm.model import NVLM, NVLMOutput, build_model, parameter_counts
+from nvlm.processor import SFT_SYSTEM_PROMPT, NVLMInputs, NVLMProcessor
 from nvlm.projector import PRESETS, MLPProjector
+from nvlm.tokenizer import ByteTokenizer
+from nvlm.training import freeze_for_stage
 
-__all__ = ["PRESETS", "MLPProjector"]
+__all__ = [
+    "MODEL_PRESETS",
+    "NVLM",
+    "PRESETS",
+    "SFT_SYSTEM_PROMPT",
+    "ByteTokenizer",
+    "MLPProjector",
+    "NVLMConfig",
+    "NVLMInputs",
+    "NVLMOutput",
+    "NVLMProcessor",
+    "build_model",
+    "freeze_for_stage",
+    "parameter_counts",
+]

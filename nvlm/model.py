@@ -1,0 +1,269 @@
+"""The NVLM-D / NVLM-X / NVLM-H models, assembled from the public ops.
+
+    model = nvlm.build_model("tiny-d")                 # random weights
+    inputs = NVLMProcessor(ByteTokenizer(), model.config)(conversation, images)
+    out = model(inputs)                                # out.logits [B, S, V]; out.loss with labels
+
+One class, ``NVLM``, for the three variants (``config.variant``):
+
+* **D** — the tiles' image embeddings replace the ``<|vision_pad|>`` placeholders after each tile
+  tag in the decoder sequence (spec §2.2); no cross-attention.
+* **X** — the decoder sequence is text (with the tile tags); gated cross-attention blocks before
+  every ``xattn.every``-th layer attend to all tiles of the image, thumbnail included, a tag's
+  tokens to their own tile only (``cross_attention_ranges(policy="nvlm-x")``, spec §6).
+* **H** — the thumbnail's embeddings go into the decoder like NVLM-D's; the regular tiles, each
+  preceded by its tag's token embeddings, are the cross-attention keys/values (``"nvlm-h"``, §7).
+
+Data flow: pixel values -> InternViT (``vit_qk_norm_attention``) -> projector (``mlp_projector``
+with the CLS drop and pixel shuffle fused) -> decoder inputs and/or cross-attention keys/values ->
+Qwen2 decoder (SDPA self-attention) with the blocks inserted through its ``before_layer`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nvlm_kernels as nk
+from nvlm.config import NVLMConfig
+from nvlm.llm import KVCache, Qwen2Decoder
+from nvlm.projector import MLPProjector
+from nvlm.vision import InternViT
+from nvlm.xattn import GatedCrossAttentionBlock
+from nvlm_kernels import _nvtx
+
+IGNORE_INDEX = -100
+COMPONENTS = ("vision", "projector", "llm", "xattn")
+
+
+@dataclass
+class NVLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+@dataclass
+class CrossAttentionInputs:
+    """What every cross-attention block of one forward reads: the image-side sequence (projected to
+    keys/values by each block, once) and each text row's key range."""
+
+    image_embeds: torch.Tensor  # [B, N_kv, hidden]
+    kv_start: torch.Tensor  # int32 [B, S]
+    kv_end: torch.Tensor  # int32 [B, S]
+
+
+class NVLM(nn.Module):
+    def __init__(self, config: NVLMConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        kw = {"device": device, "dtype": dtype}
+        p = config.projector
+        self.vision = InternViT(config.vision, **kw)
+        self.projector = MLPProjector(
+            config.vision.hidden_size, config.llm.hidden_size, p.hidden, layer_norm=p.layer_norm, bias=p.bias,
+            downsample_ratio=p.downsample_ratio, ps_version=p.ps_version, eps=p.eps, activation=p.activation, **kw,
+        )  # fmt: skip
+        self.llm = Qwen2Decoder(config.llm, **kw)
+        self.xattn = nn.ModuleDict()
+        if config.xattn is not None:
+            for i in config.xattn.layer_indices(config.llm.num_layers):
+                self.xattn[str(i)] = GatedCrossAttentionBlock(
+                    config.llm, config.xattn, kv_dim=config.llm.hidden_size, index=i, **kw
+                )
+
+    # ----------------------------------------------------------------------------------------------
+    # images
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [T, 3, S, S] -> image embeddings [T, tokens_per_tile, hidden] (ViT, CLS drop, pixel
+        shuffle, projector)."""
+        with _nvtx.range("nvlm.vision"):
+            features = self.vision(pixel_values)
+        with _nvtx.range("nvlm.projector"):
+            return self.projector(features)
+
+    # ----------------------------------------------------------------------------------------------
+    # checks: every one runs before any kernel
+
+    def check_inputs(self, inputs, *, past_length: int = 0) -> None:
+        cfg = self.config
+        ids = inputs.input_ids
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(ids.shape)}")
+        if past_length + ids.shape[1] > cfg.max_seq_len:
+            raise ValueError(
+                f"input_ids: sequence length {past_length + ids.shape[1]} exceeds the model's maximum "
+                f"{cfg.max_seq_len} (config.max_seq_len)"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.llm.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {cfg.llm.vocab_size}) (the vocabulary)")
+        tiles = inputs.tiles_per_image
+        total = int(tiles.sum()) if tiles is not None else 0
+        pixels = inputs.pixel_values
+        if total and tiles.max() > cfg.max_tiles_per_image:
+            raise ValueError(
+                f"tiles_per_image: an image has {int(tiles.max())} tiles, more than the config allows "
+                f"({cfg.tiling.max_tiles} + thumbnail = {cfg.max_tiles_per_image})"
+            )
+        if (pixels.shape[0] if pixels is not None else 0) != total:
+            got = "None" if pixels is None else f"{pixels.shape[0]} tiles"
+            raise ValueError(f"pixel_values has {got}, but tiles_per_image sums to {total}")
+        if pixels is not None:
+            size = cfg.vision.image_size
+            if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (cfg.vision.num_channels, size, size):
+                raise ValueError(
+                    f"pixel_values must be [T, {cfg.vision.num_channels}, {size}, {size}], got {tuple(pixels.shape)}"
+                )
+        slots = int(inputs.image_token_mask.sum())
+        expected = {"D": total, "H": int((tiles > 0).sum()) if total else 0, "X": 0}[cfg.variant] * cfg.tokens_per_tile
+        if slots != expected:
+            raise ValueError(
+                f"image_token_mask marks {slots} image-token positions, but NVLM-{cfg.variant} needs {expected} "
+                f"for these images"
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # decoder inputs and cross-attention inputs
+
+    def _thumbnails(self, tiles_per_image: torch.Tensor) -> torch.Tensor:
+        """Index of each present image's last tile (its thumbnail) in the flat tile list."""
+        counts = tiles_per_image.reshape(-1)
+        counts = counts[counts > 0]
+        return torch.cumsum(counts, 0) - 1
+
+    def embed_inputs(self, inputs, image_features: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.llm.embed(inputs.input_ids)
+        if image_features is None or self.config.variant == "X":
+            return embeds
+        if self.config.variant == "H":
+            image_features = image_features[self._thumbnails(inputs.tiles_per_image)]
+        # in order: the D tiles (tile_1 .. thumbnail) of each image, or the H thumbnails
+        flat = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(inputs.image_token_mask.unsqueeze(-1), flat)
+
+    def cross_attention_inputs(self, inputs, image_features: torch.Tensor | None) -> CrossAttentionInputs | None:
+        """The key/value-side sequence of each batch row and the text rows' ranges, or None when the
+        batch has no image keys (then every block would add exactly zero, so they are skipped)."""
+        cfg = self.config
+        if cfg.variant == "D" or image_features is None:
+            return None
+        tiles = inputs.tiles_per_image.to(torch.long)
+        per_tile = cfg.tokens_per_tile
+        tag_len = 0
+        if cfg.variant == "X":
+            kv_tiles = tiles
+            pieces = image_features  # [T, P, hidden]: every tile, thumbnail included
+        else:  # H: the regular tiles, each after its tag's embeddings
+            regular = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+            regular[self._thumbnails(tiles)] = False
+            kv_tiles = torch.where(tiles > 1, tiles - 1, torch.zeros_like(tiles))
+            if not int(kv_tiles.sum()):
+                return None
+            tag_ids = inputs.xattn_tag_ids
+            tag_len = int(inputs.tag_tokens_per_tile)
+            tag_embeds = self.llm.embed(tag_ids).to(image_features.dtype)  # [N_regular, tag_len, hidden]
+            pieces = torch.cat([tag_embeds, image_features[regular]], dim=1)
+        per_row_tiles = kv_tiles.sum(1)
+        keys_per_tile = per_tile + tag_len
+        batch, width = tiles.shape[0], int(per_row_tiles.max()) * keys_per_tile
+        image_embeds = pieces.new_zeros((batch, width, pieces.shape[-1]))
+        flat = pieces.reshape(-1, keys_per_tile, pieces.shape[-1])
+        start = 0
+        for b, n in enumerate(per_row_tiles.tolist()):  # one slice per batch row, not per token
+            image_embeds[b, : n * keys_per_tile] = flat[start : start + n].reshape(-1, pieces.shape[-1])
+            start += n
+        kv_start, kv_end = nk.cross_attention_ranges(
+            inputs.image_positions, kv_tiles, inputs.input_ids.shape[1],
+            policy="nvlm-x" if cfg.variant == "X" else "nvlm-h",
+            tag_tiles=inputs.tag_tiles if cfg.variant == "X" else None,
+            tokens_per_tile=per_tile, tag_tokens_per_tile=tag_len,
+            attend_all_previous=cfg.xattn.attend_all_previous,
+        )  # fmt: skip
+        return CrossAttentionInputs(image_embeds, kv_start, kv_end)
+
+    def _before_layer(self, cross: CrossAttentionInputs | None):
+        if cross is None or not len(self.xattn):
+            return None
+        blocks = self.xattn
+
+        def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
+            block = blocks[str(index)] if str(index) in blocks else None
+            if block is None:
+                return hidden
+            kv = block.project_kv(cross.image_embeds.to(hidden.dtype))
+            return block(hidden, kv, cross.kv_start, cross.kv_end)
+
+        return run
+
+    # ----------------------------------------------------------------------------------------------
+
+    def forward(self, inputs, *, labels: torch.Tensor | None = None, cache: KVCache | None = None) -> NVLMOutput:
+        """``inputs``: an ``nvlm.processor.NVLMInputs`` (or anything with its fields). Labels default
+        to ``inputs.labels``."""
+        past = cache.length if cache is not None else 0
+        self.check_inputs(inputs, past_length=past)
+        features = self.encode_images(inputs.pixel_values) if inputs.pixel_values is not None else None
+        embeds = self.embed_inputs(inputs, features)
+        cross = self.cross_attention_inputs(inputs, features)
+        mask = inputs.attention_mask.to(torch.bool)
+        positions = (torch.cumsum(mask.long(), 1) - 1).clamp(min=0) + past
+        full_mask = None  # no padding: SDPA's own causal path, no mask tensor
+        if not bool(mask.all()):
+            full_mask = torch.cat([mask.new_ones((mask.shape[0], past)), mask], 1) if past else mask
+        hidden = self.llm(
+            embeds, positions, attention_mask=full_mask, cache=cache, before_layer=self._before_layer(cross)
+        )
+        logits = self.llm.logits(hidden)
+        labels = labels if labels is not None else getattr(inputs, "labels", None)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return NVLMOutput(logits, loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _config(name_or_config: str | NVLMConfig) -> NVLMConfig:
+    if isinstance(name_or_config, NVLMConfig):
+        return name_or_config
+    if isinstance(name_or_config, str):
+        return NVLMConfig.from_preset(name_or_config)
+    raise TypeError(f"expected a preset name or an NVLMConfig, got {type(name_or_config).__name__}")
+
+
+def build_model(
+    name_or_config: str | NVLMConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> NVLM:
+    """An ``NVLM`` with random weights (load a checkpoint with ``nvlm.checkpoint``). On the meta
+    device (no memory) it prints the parameter count of each component."""
+    config = _config(name_or_config)
+    model = NVLM(config, device=device, dtype=dtype)
+    if torch.device(device).type == "meta" if device is not None else False:
+        counts = count_parameters(model)
+        print(f"{config.name} (NVLM-{config.variant}): " + ", ".join(f"{k} {_human(v)}" for k, v in counts.items()))
+    return model
+
+
+def count_parameters(model: NVLM) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in COMPONENTS}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def parameter_counts(name_or_config: str | NVLMConfig) -> dict[str, int]:
+    """Parameters per component (``vision``, ``projector``, ``llm``, ``xattn``, ``total``), counted
+    on a model built on the meta device (no memory, no time)."""
+    return count_parameters(NVLM(_config(name_or_config), device="meta"))
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"

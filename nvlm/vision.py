@@ -1,0 +1,236 @@
+"""``InternViT``: NVLM-1.0's vision encoder (InternViT-6B-448px-V1-5, or InternViT-300M) as plain modules.
+
+Spec: ../shared/docs/nvlm-spec.md §3. Pixels [tiles, 3, 448, 448] -> 14-pixel patches embedded by a
+convolution, a CLS token prepended, learned positions added, then pre-norm blocks
+x += ls1 · Attn(norm1(x)); x += ls2 · MLP(norm2(x)), with no final norm. The attention core is one
+``nvlm_kernels`` op: ``vit_qk_norm_attention`` (InternViT-6B's full-width QK-RMSNorm fused in) or
+``vit_attention`` (300M, no QK norm).
+
+Parameter names are those of InternVL's ``modeling_intern_vit.py`` (which the Hugging Face
+NVLM-D-72B checkpoint uses under ``vision_model.``), so its state dict loads by name. NVLM's
+checkpoint pads the 25 real heads with zero "dummy" heads (``VisionConfig.num_dummy_heads``, spec
+§3.1); ``load_state_dict`` strips them after checking that they are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nvlm_kernels as nk
+from nvlm.config import VisionConfig
+from nvlm.layers import RMSNorm
+from nvlm_kernels import _nvtx
+
+INIT_STD = 0.02  # random-weight runs only; real weights come from a checkpoint
+
+
+def _norm(config: VisionConfig, *, device=None, dtype=None) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
+    if config.norm == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, device=device, dtype=dtype)
+    raise ValueError(f"VisionConfig.norm must be 'rms' or 'layer', got {config.norm!r}")
+
+
+class InternViTEmbeddings(nn.Module):
+    """Conv patch embedding (with bias), CLS token, learned positions (InternVisionEmbeddings)."""
+
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.grid = config.grid
+        width = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, width, device=device, dtype=dtype))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size,
+            bias=True, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.position_embedding = nn.Parameter(
+            torch.empty(1, config.num_patches + 1, width, device=device, dtype=dtype)
+        )
+
+    def _patch_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Positions of the patches for a grid_h × grid_w grid. InternVL resamples the trained grid
+        bicubically (in float32) for other image sizes; at the trained size that is the identity,
+        so we skip it."""
+        positions = self.position_embedding[:, 1:]
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return positions
+        as_image = positions.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        resampled = F.interpolate(as_image, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return resampled.reshape(1, -1, grid_h * grid_w).transpose(1, 2).to(positions.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values)  # [T, C, grid_h, grid_w]
+        tiles, _, grid_h, grid_w = patches.shape
+        patches = patches.flatten(2).transpose(1, 2)  # row-major patch order: [T, grid_h * grid_w, C]
+        cls = self.class_embedding.expand(tiles, 1, -1)
+        positions = torch.cat([self.position_embedding[:, :1], self._patch_positions(grid_h, grid_w)], dim=1)
+        return torch.cat([cls, patches], dim=1) + positions
+
+
+class InternViTAttention(nn.Module):
+    """Fused QKV projection, optional full-width QK-RMSNorm, non-causal attention, output projection."""
+
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+        width = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_dummy_heads = config.num_dummy_heads
+        self.eps = config.norm_eps
+        kw = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias, **kw)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            # One RMS over all heads of a token (InternVL flattens the heads before q_norm/k_norm).
+            self.q_norm = RMSNorm(width, config.norm_eps, **kw)
+            self.k_norm = RMSNorm(width, config.norm_eps, **kw)
+        self.proj = nn.Linear(width, width, bias=True, **kw)
+        self.register_load_state_dict_pre_hook(_strip_dummy_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tiles, tokens, width = x.shape
+        qkv = self.qkv(x)  # [T, S, 3C]: the q, k and v blocks, each H heads of D
+        with _nvtx.range("nvlm.vision.attention"):
+            if self.qk_norm:
+                out = nk.vit_qk_norm_attention(
+                    qkv, self.q_norm.weight, self.k_norm.weight, num_heads=self.num_heads, eps=self.eps
+                )
+            else:
+                # Strided views, no copies: the kernels read [T, S, H, D] through strides.
+                q, k, v = qkv.view(tiles, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+                out = nk.vit_attention(q, k, v)
+        return self.proj(out.reshape(tiles, tokens, width))
+
+
+def _strip_dummy_heads(module: InternViTAttention, state_dict, prefix, *_args) -> None:
+    """Load NVLM's dummy-head-padded attention weights (spec §3.1) into the real heads.
+
+    The checkpoint has H + dummy heads: qkv rows [3, (H + dummy)·D], proj columns (H + dummy)·D and
+    q_norm/k_norm (H + dummy)·D, the dummy heads last within each block. Their qkv rows and proj
+    columns must be zero (otherwise dropping them changes the output), so we check that. The
+    dummy norm weights only scale the dummy heads' zero q and k, so they may be anything."""
+    if not module.num_dummy_heads:
+        return
+    real = module.num_heads * module.head_dim
+    padded = (module.num_heads + module.num_dummy_heads) * module.head_dim
+
+    def take(name: str, padded_shape: tuple[int, ...], strip) -> None:
+        key = prefix + name
+        tensor = state_dict.get(key)
+        if tensor is not None and tuple(tensor.shape) == padded_shape:
+            state_dict[key] = strip(tensor)
+
+    def split_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
+        blocks = tensor.reshape(3, padded, *tensor.shape[1:])
+        _require_zero(blocks[:, real:], prefix + what)
+        return blocks[:, :real].reshape(3 * real, *tensor.shape[1:])
+
+    def split_columns(tensor: torch.Tensor) -> torch.Tensor:
+        _require_zero(tensor[:, real:], prefix + "proj.weight")
+        return tensor[:, :real]
+
+    width = module.qkv.in_features
+    take("qkv.weight", (3 * padded, width), lambda t: split_rows(t, "qkv.weight"))
+    take("qkv.bias", (3 * padded,), lambda t: split_rows(t, "qkv.bias"))
+    take("proj.weight", (width, padded), split_columns)
+    for name in ("q_norm.weight", "k_norm.weight"):
+        take(name, (padded,), lambda t: t[:real])
+
+
+def _require_zero(dummy: torch.Tensor, name: str) -> None:
+    if dummy.device.type != "meta" and torch.count_nonzero(dummy).item():
+        raise ValueError(f"{name}: the dummy-head slice is not all zero, so dropping it would change the output")
+
+
+class InternViTMLP(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2, both with bias."""
+
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size, bias=True, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class InternViTLayer(nn.Module):
+    """x += ls1 · attn(norm1(x)); x += ls2 · mlp(norm2(x)) (drop-path is training-only and omitted)."""
+
+    def __init__(self, config: VisionConfig, index: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.index = index
+        self._nvtx_label = f"nvlm.vision.layer[{index}]"
+        self.norm1 = _norm(config, **kw)
+        self.attn = InternViTAttention(config, **kw)
+        self.ls1 = nn.Parameter(torch.empty(config.hidden_size, **kw))
+        self.norm2 = _norm(config, **kw)
+        self.mlp = InternViTMLP(config, **kw)
+        self.ls2 = nn.Parameter(torch.empty(config.hidden_size, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _nvtx.range(self._nvtx_label):
+            x = x + self.ls1 * self.attn(self.norm1(x))
+            return x + self.ls2 * self.mlp(self.norm2(x))
+
+
+class InternViTEncoder(nn.Module):
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            InternViTLayer(config, i, device=device, dtype=dtype) for i in range(config.num_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class InternViT(nn.Module):
+    """pixel_values [T, 3, S, S] -> last hidden state [T, 1 + (S / patch)², C], CLS first, no final norm.
+
+    NVLM drops the CLS token before the pixel shuffle (``nvlm.MLPProjector`` does that itself)."""
+
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = InternViTEmbeddings(config, device=device, dtype=dtype)
+        self.encoder = InternViTEncoder(config, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random weights for runs without a checkpoint: N(0, 0.02) matrices and embeddings, zero
+        biases, unit norms, layer scales at ``layer_scale_init``. Deterministic under
+        ``torch.manual_seed``; on the meta device the ``nn.init`` calls write nothing."""
+        embeddings = self.embeddings
+        for tensor in (embeddings.class_embedding, embeddings.position_embedding, embeddings.patch_embedding.weight):
+            nn.init.normal_(tensor, std=INIT_STD)
+        nn.init.zeros_(embeddings.patch_embedding.bias)
+        for layer in self.encoder.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=INIT_STD)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                    nn.init.ones_(module.weight)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+            nn.init.constant_(layer.ls1, self.config.layer_scale_init)
+            nn.init.constant_(layer.ls2, self.config.layer_scale_init)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape [T, {self.config.num_channels}, H, W], got {tuple(pixel_values.shape)}"
+            )
+        weight = self.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(dtype=weight.dtype)
+        return self.encoder(self.embeddings(pixel_values))
