@@ -107,43 +107,76 @@ class InternViTAttention(nn.Module):
 
 
 def _strip_dummy_heads(module: InternViTAttention, state_dict, prefix, *_args) -> None:
-    """Load NVLM's dummy-head-padded attention weights (spec §3.1) into the real heads.
-
-    The checkpoint has H + dummy heads: qkv rows [3, (H + dummy)·D], proj columns (H + dummy)·D and
-    q_norm/k_norm (H + dummy)·D, the dummy heads last within each block. Their qkv rows and proj
-    columns must be zero (otherwise dropping them changes the output), so we check that. The
-    dummy norm weights only scale the dummy heads' zero q and k, so they may be anything."""
+    """A ``load_state_dict`` pre-hook: NVLM's dummy-head-padded attention weights (spec §3.1), as
+    in the Hugging Face checkpoint's ``vision_model.*``, load into the real heads."""
     if not module.num_dummy_heads:
         return
     real = module.num_heads * module.head_dim
-    padded = (module.num_heads + module.num_dummy_heads) * module.head_dim
-
-    def take(name: str, padded_shape: tuple[int, ...], strip) -> None:
-        key = prefix + name
-        tensor = state_dict.get(key)
-        if tensor is not None and tuple(tensor.shape) == padded_shape:
-            state_dict[key] = strip(tensor)
-
-    def split_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
-        blocks = tensor.reshape(3, padded, *tensor.shape[1:])
-        _require_zero(blocks[:, real:], prefix + what)
-        return blocks[:, :real].reshape(3 * real, *tensor.shape[1:])
-
-    def split_columns(tensor: torch.Tensor) -> torch.Tensor:
-        _require_zero(tensor[:, real:], prefix + "proj.weight")
-        return tensor[:, :real]
-
-    width = module.qkv.in_features
-    take("qkv.weight", (3 * padded, width), lambda t: split_rows(t, "qkv.weight"))
-    take("qkv.bias", (3 * padded,), lambda t: split_rows(t, "qkv.bias"))
-    take("proj.weight", (width, padded), split_columns)
-    for name in ("q_norm.weight", "k_norm.weight"):
-        take(name, (padded,), lambda t: t[:real])
+    for part in ("qkv.weight", "qkv.bias", "proj.weight", "q_norm.weight", "k_norm.weight"):
+        tensor = state_dict.get(prefix + part)
+        if tensor is not None and tensor.device.type != "meta" and tuple(tensor.shape) != _own_shape(module, part):
+            state_dict[prefix + part] = strip_dummy_heads(
+                tensor, prefix + part, part, real, module.num_dummy_heads, module.head_dim
+            )
 
 
-def _require_zero(dummy: torch.Tensor, name: str) -> None:
-    if dummy.device.type != "meta" and torch.count_nonzero(dummy).item():
-        raise ValueError(f"{name}: the dummy-head slice is not all zero, so dropping it would change the output")
+def _own_shape(module: InternViTAttention, part: str) -> tuple[int, ...] | None:
+    owner, name = part.split(".")
+    param = getattr(getattr(module, owner, None), name, None)
+    return tuple(param.shape) if param is not None else None
+
+
+def _nonzero(t: torch.Tensor) -> bool:
+    return bool(torch.count_nonzero(t))
+
+
+def strip_dummy_heads(
+    sl, key: str, part: str, real_width: int, num_dummy_heads: int | None = None, head_dim: int | None = None
+) -> torch.Tensor:
+    """The real-head part of one padded InternViT attention tensor (``sl``: a tensor, or a safetensors
+    slice so that a checkpoint loader reads only the parts it keeps); ``part`` is the name under the
+    layer's ``attn.`` (``qkv.weight``, ``qkv.bias``, ``proj.weight``, ``q_norm.weight``, ``k_norm.weight``).
+
+    HF layout (spec §3.1), W = (heads + dummy) · head_dim, C = real_width = heads · head_dim:
+    qkv.weight [3W, C] / qkv.bias [3W]: q, k, v blocks of W rows each, dummy heads last in each block
+    (rows C..W); proj.weight [C, W]: dummy columns C..W; q_norm / k_norm weight [W].
+    """
+    shape = tuple(sl.shape) if isinstance(sl, torch.Tensor) else tuple(sl.get_shape())
+    padded = shape[0] // 3 if part.startswith("qkv") else shape[-1]
+    if part.startswith("qkv") and shape[0] % 3:
+        raise ValueError(f"{key}: first dimension {shape[0]} is not 3 blocks (q, k, v)")
+    if padded < real_width:
+        raise ValueError(f"{key}: shape {list(shape)} is narrower than the model's {real_width} features")
+    if num_dummy_heads is not None:
+        extra = padded - real_width
+        if head_dim is None and num_dummy_heads:  # the head width the padding implies
+            head_dim = extra // num_dummy_heads if extra % num_dummy_heads == 0 else None
+        if head_dim is None or extra != num_dummy_heads * head_dim or real_width % head_dim:
+            raise ValueError(
+                f"{key}: shape {list(shape)} is not {real_width} real features + {num_dummy_heads} dummy heads"
+                + (f" of width {head_dim}" if head_dim else "")
+            )
+    if padded == real_width:
+        return sl[:]
+    if part in ("q_norm.weight", "k_norm.weight"):
+        # The dummy part of the qk-norm weights may be nonzero: it only ever multiplies the dummy
+        # heads' q / k, which are zero (checked on qkv), and the RMS statistics run over the real C
+        # features (spec §3.1, vLLM's var_hidden_size) - so slicing is exact and there is nothing to check.
+        return sl[:real_width]
+    if part == "proj.weight":
+        dummy = sl[:, real_width:padded]
+        if _nonzero(dummy):
+            raise ValueError(f"{key}: the dummy-head columns {real_width}..{padded} are not all zero")
+        return sl[:, :real_width]
+    blocks = []
+    for block, name in enumerate("qkv"):
+        start = block * padded
+        dummy = sl[start + real_width : start + padded]
+        if _nonzero(dummy):
+            rows = f"{start + real_width}..{start + padded}"
+            raise ValueError(f"{key}: the dummy-head rows of the {name} block ({rows}) are not all zero")
+        blocks.append(sl[start : start + real_width])
+    return torch.cat(blocks)
 
 
 class InternViTMLP(nn.Module):
