@@ -9,12 +9,14 @@ Modules: ``config`` (NVLMConfig and presets), ``vision`` (InternViT), ``projecto
 ``llm`` (Qwen2 decoder with a KV cache), ``xattn`` (gated cross-attention blocks), ``model`` (the
 three variants), ``processor`` (ChatML prompts with tiles and tags), ``tokenizer`` (a byte
 tokenizer for the tiny presets), ``checkpoint`` (Hugging Face NVLM-D and our own safetensors),
-``training`` (what each stage trains).
+``training`` (what each stage trains), ``generate`` (sampling with KV caches), ``cli`` (``nvlm run``,
+``nvlm profile``), ``profiling`` (per-stage times from the NVTX ranges).
 """
 
 from nvlm.config import PRESETS as MODEL_PRESETS
 from nvlm.config import NVLMConfig
-from nvlm.model import NVLM, NVLMOutput, build_model, parameter_counts
+from nvlm.generate import GenerationOutput, generate
+from nvlm.model import NVLM, CrossAttentionCache, NVLMOutput, build_model, parameter_counts
 from nvlm.processor import SFT_SYSTEM_PROMPT, NVLMInputs, NVLMProcessor
 from nvlm.projector import PRESETS, MLPProjector
 from nvlm.tokenizer import ByteTokenizer
@@ -26,6 +28,8 @@ __all__ = [
     "PRESETS",
     "SFT_SYSTEM_PROMPT",
     "ByteTokenizer",
+    "CrossAttentionCache",
+    "GenerationOutput",
     "MLPProjector",
     "NVLMConfig",
     "NVLMInputs",
@@ -33,5 +37,6 @@ __all__ = [
     "NVLMProcessor",
     "build_model",
     "freeze_for_stage",
+    "generate",
     "parameter_counts",
 ]

@@ -17,11 +17,14 @@ One class, ``NVLM``, for the three variants (``config.variant``):
 Data flow: pixel values -> InternViT (``vit_qk_norm_attention``) -> projector (``mlp_projector``
 with the CLS drop and pixel shuffle fused) -> decoder inputs and/or cross-attention keys/values ->
 Qwen2 decoder (SDPA self-attention) with the blocks inserted through its ``before_layer`` hook.
+
+Generation (``model.generate``, ``nvlm.generate``) runs ``hidden_states`` once over the prompts as
+the prefill, filling a ``KVCache`` and a ``CrossAttentionCache``, then ``decode_step`` per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,19 @@ class CrossAttentionInputs:
     image_embeds: torch.Tensor  # [B, N_kv, hidden]
     kv_start: torch.Tensor  # int32 [B, S]
     kv_end: torch.Tensor  # int32 [B, S]
+
+
+@dataclass
+class CrossAttentionCache:
+    """The cross-attention state of one generation request, filled by the prefill and read by every
+    decoding step: each block's image keys/values (``project_kv`` once per request, not once per
+    token) and the key range of every generated token. One range serves all of them: generated text
+    is never a tile tag and comes after every image of the prompt, so it sees the prompt's last image
+    (all of its images with ``attend_all_previous``), or nothing in a row without images."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block index -> (k, v)
+    kv_start: torch.Tensor | None = None  # int32 [B, 1]
+    kv_end: torch.Tensor | None = None  # int32 [B, 1]
 
 
 class NVLM(nn.Module):
@@ -159,7 +175,7 @@ class NVLM(nn.Module):
         else:  # H: the regular tiles, each after its tag's embeddings
             regular = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
             regular[self._thumbnails(tiles)] = False
-            kv_tiles = torch.where(tiles > 1, tiles - 1, torch.zeros_like(tiles))
+            kv_tiles = self._key_tiles(tiles)
             if not int(kv_tiles.sum()):
                 return None
             tag_ids = inputs.xattn_tag_ids
@@ -175,48 +191,108 @@ class NVLM(nn.Module):
         for b, n in enumerate(per_row_tiles.tolist()):  # one slice per batch row, not per token
             image_embeds[b, : n * keys_per_tile] = flat[start : start + n].reshape(-1, pieces.shape[-1])
             start += n
-        kv_start, kv_end = nk.cross_attention_ranges(
-            inputs.image_positions, kv_tiles, inputs.input_ids.shape[1],
-            policy="nvlm-x" if cfg.variant == "X" else "nvlm-h",
-            tag_tiles=inputs.tag_tiles if cfg.variant == "X" else None,
-            tokens_per_tile=per_tile, tag_tokens_per_tile=tag_len,
-            attend_all_previous=cfg.xattn.attend_all_previous,
-        )  # fmt: skip
+        kv_start, kv_end = self._cross_attention_ranges(inputs, inputs.input_ids.shape[1], inputs.tag_tiles)
         return CrossAttentionInputs(image_embeds, kv_start, kv_end)
 
-    def _before_layer(self, cross: CrossAttentionInputs | None):
-        if cross is None or not len(self.xattn):
+    def _key_tiles(self, tiles_per_image: torch.Tensor) -> torch.Tensor:
+        """[B, M] tiles of each image among the cross-attention keys: X all of them, thumbnail
+        included; H the regular tiles (a one-tile image is its own thumbnail: no keys)."""
+        if self.config.variant == "X":
+            return tiles_per_image
+        return torch.where(tiles_per_image > 1, tiles_per_image - 1, torch.zeros_like(tiles_per_image))
+
+    def _cross_attention_ranges(
+        self, inputs, num_text_tokens: int, tag_tiles: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return nk.cross_attention_ranges(
+            inputs.image_positions, self._key_tiles(inputs.tiles_per_image.to(torch.long)), num_text_tokens,
+            policy="nvlm-x" if cfg.variant == "X" else "nvlm-h",
+            tag_tiles=tag_tiles if cfg.variant == "X" else None,
+            tokens_per_tile=cfg.tokens_per_tile,
+            tag_tokens_per_tile=int(inputs.tag_tokens_per_tile) if cfg.variant == "H" else 0,
+            attend_all_previous=cfg.xattn.attend_all_previous,
+        )  # fmt: skip
+
+    def next_token_ranges(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 [B, 1]: the key range of every token that generation appends: the layout rule applied
+        to one more column after the prompt, a text column (no tag). Not the prompt's last column,
+        which would be a tag's range in a prompt that ends inside an image segment."""
+        kv_start, kv_end = self._cross_attention_ranges(inputs, inputs.input_ids.shape[1] + 1, None)
+        return kv_start[:, -1:], kv_end[:, -1:]
+
+    def _before_layer(self, cross: CrossAttentionInputs | None, cross_cache: CrossAttentionCache | None = None):
+        """The decoder's ``before_layer`` hook running the cross-attention blocks, or None when there is
+        nothing to attend to. Three uses:
+
+        * a forward over a whole sequence (``cross`` only): each block projects ``cross.image_embeds``;
+        * a prefill (``cross`` and an empty ``cross_cache``): the same, and each block's keys/values
+          are kept in the cache;
+        * a decoding step (``cross_cache`` only): the kept keys/values and the cache's one-token range.
+        """
+        if not len(self.xattn):
             return None
+        if cross is not None:
+            kv_start, kv_end = cross.kv_start, cross.kv_end
+        elif cross_cache is not None and cross_cache.kv:
+            kv_start, kv_end = cross_cache.kv_start, cross_cache.kv_end
+        else:
+            return None  # no image keys in the batch: every block would add exactly zero
         blocks = self.xattn
 
         def run(index: int, hidden: torch.Tensor) -> torch.Tensor:
             block = blocks[str(index)] if str(index) in blocks else None
             if block is None:
                 return hidden
-            kv = block.project_kv(cross.image_embeds.to(hidden.dtype))
-            return block(hidden, kv, cross.kv_start, cross.kv_end)
+            kv = cross_cache.kv.get(index) if cross_cache is not None else None
+            if kv is None:
+                kv = block.project_kv(cross.image_embeds.to(hidden.dtype))
+                if cross_cache is not None:
+                    cross_cache.kv[index] = kv
+            return block(hidden, kv, kv_start, kv_end)
 
         return run
 
     # ----------------------------------------------------------------------------------------------
 
-    def forward(self, inputs, *, labels: torch.Tensor | None = None, cache: KVCache | None = None) -> NVLMOutput:
-        """``inputs``: an ``nvlm.processor.NVLMInputs`` (or anything with its fields). Labels default
-        to ``inputs.labels``."""
+    def hidden_states(
+        self, inputs, *, cache: KVCache | None = None, cross_cache: CrossAttentionCache | None = None
+    ) -> torch.Tensor:
+        """The decoder's final hidden states [B, S, H] for ``inputs`` (what ``forward`` turns into
+        logits). With ``cache`` the new keys/values are appended to it; with ``cross_cache`` (a fresh
+        one: this is a prefill) the cross-attention keys/values and the generated tokens' range are
+        stored in it for ``decode_step``."""
         past = cache.length if cache is not None else 0
         self.check_inputs(inputs, past_length=past)
         features = self.encode_images(inputs.pixel_values) if inputs.pixel_values is not None else None
         embeds = self.embed_inputs(inputs, features)
         cross = self.cross_attention_inputs(inputs, features)
+        if cross_cache is not None and cross is not None:
+            cross_cache.kv_start, cross_cache.kv_end = self.next_token_ranges(inputs)
         mask = inputs.attention_mask.to(torch.bool)
         positions = (torch.cumsum(mask.long(), 1) - 1).clamp(min=0) + past
         full_mask = None  # no padding: SDPA's own causal path, no mask tensor
         if not bool(mask.all()):
             full_mask = torch.cat([mask.new_ones((mask.shape[0], past)), mask], 1) if past else mask
-        hidden = self.llm(
-            embeds, positions, attention_mask=full_mask, cache=cache, before_layer=self._before_layer(cross)
+        return self.llm(
+            embeds,
+            positions,
+            attention_mask=full_mask,
+            cache=cache,
+            before_layer=self._before_layer(cross, cross_cache),
         )
-        logits = self.llm.logits(hidden)
+
+    def forward(
+        self,
+        inputs,
+        *,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cross_cache: CrossAttentionCache | None = None,
+    ) -> NVLMOutput:
+        """``inputs``: an ``nvlm.processor.NVLMInputs`` (or anything with its fields). Labels default
+        to ``inputs.labels``. ``cache`` / ``cross_cache``: see ``hidden_states``."""
+        logits = self.llm.logits(self.hidden_states(inputs, cache=cache, cross_cache=cross_cache))
         labels = labels if labels is not None else getattr(inputs, "labels", None)
         loss = None
         if labels is not None:
@@ -226,6 +302,44 @@ class NVLM(nn.Module):
                 ignore_index=IGNORE_INDEX,
             )
         return NVLMOutput(logits, loss)
+
+    def decode_step(
+        self,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        cross_cache: CrossAttentionCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One text token per row after what ``cache`` holds -> logits [B, 1, V].
+
+        Args:
+            token_ids: [B, 1] the tokens to feed (text: no image embeddings, no tags).
+            cache: the decoder's keys/values so far; the new ones are appended.
+            cross_cache: from the prefill (X, H): the blocks' keys/values and the new token's range.
+            attention_mask: bool [B, cache.length + 1], True at real tokens, the new one included;
+                None when no row has padding. Each row's new position is its count of real tokens
+                minus one, which makes left padding invisible to the rotary positions.
+        """
+        batch = token_ids.shape[0]
+        if attention_mask is None:
+            positions = torch.full((batch, 1), cache.length, dtype=torch.long, device=token_ids.device)
+        else:
+            positions = attention_mask.to(torch.long).sum(1, keepdim=True) - 1
+        hidden = self.llm(
+            self.llm.embed(token_ids),
+            positions,
+            attention_mask=attention_mask,
+            cache=cache,
+            before_layer=self._before_layer(None, cross_cache),
+        )
+        return self.llm.logits(hidden)
+
+    def generate(self, inputs, **options):
+        """Generate text after each prompt of ``inputs``: ``nvlm.generate.generate(self, inputs, ...)``
+        (greedy or sampled, with KV and cross-attention caches); returns a ``GenerationOutput``."""
+        from nvlm.generate import generate  # here: nvlm.generate imports this module
+
+        return generate(self, inputs, **options)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ import torch
 
 import nvlm_kernels as nk
 from nvlm.config import NVLMConfig
+from nvlm_kernels import _nvtx
 
 SFT_SYSTEM_PROMPT = "Follow the user's instruction and answer questions."
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-
 
 
 @dataclass
@@ -336,15 +336,16 @@ class NVLMProcessor:
         pixel_values = None
         flat_plans: list[nk.TilePlan] = []
         if flat_images:
-            pixel_values, flat_plans = nk.preprocess_images(
-                flat_images,
-                device=device,
-                min_tiles=tiling.min_tiles,
-                max_tiles=tiling.max_tiles,
-                tile_size=self.tile_size,
-                use_thumbnail=tiling.use_thumbnail,
-                dtype=torch.float32,
-            )
+            with _nvtx.range("nvlm.preprocess"):
+                pixel_values, flat_plans = nk.preprocess_images(
+                    flat_images,
+                    device=device,
+                    min_tiles=tiling.min_tiles,
+                    max_tiles=tiling.max_tiles,
+                    tile_size=self.tile_size,
+                    use_thumbnail=tiling.use_thumbnail,
+                    dtype=torch.float32,
+                )
         plans: list[list[nk.TilePlan]] = []
         start = 0
         for count in num_images:

@@ -100,7 +100,16 @@ def test_extension_is_built_where_expected():
         assert _extension.has_kernel("nvlm_C::pixel_shuffle_fwd", "CUDA")
 
 
-def test_nvtx_range_labels(monkeypatch):
+@pytest.fixture
+def nvtx_enabled():
+    """Ranges are off by default (NVLM_NVTX unset): these tests turn them on and restore the state."""
+    was_enabled = _nvtx.is_enabled()
+    _nvtx.enable()
+    yield
+    _nvtx.enable(was_enabled)
+
+
+def test_nvtx_range_labels(monkeypatch, nvtx_enabled):
     """Every public op opens nvlm.kernels.<op>.fwd / .bwd, balanced."""
     events = []
     monkeypatch.setattr(_nvtx, "_domain", object())  # ranges are active even where nvtx is absent
@@ -117,7 +126,7 @@ def test_nvtx_range_labels(monkeypatch):
     assert sum(e[0] == "pop" for e in events) == 3
 
 
-def test_nvtx_domain_calls_work():
+def test_nvtx_domain_calls_work(nvtx_enabled):
     """The real nvtx package (a no-op without a profiler attached) accepts our calls."""
     if _nvtx._domain is None:
         pytest.skip("the nvtx package is not installed: ranges are no-ops")
