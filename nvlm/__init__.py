@@ -15,7 +15,7 @@ tokenizer for the tiny presets), ``checkpoint`` (Hugging Face NVLM-D and our own
 
 from nvlm.config import PRESETS as MODEL_PRESETS
 from nvlm.config import NVLMConfig
-from nvlm.generate import GenerationOutput, generate
+from nvlm.generate import GenerationOutput
 from nvlm.model import NVLM, CrossAttentionCache, NVLMOutput, build_model, parameter_counts
 from nvlm.processor import SFT_SYSTEM_PROMPT, NVLMInputs, NVLMProcessor
 from nvlm.projector import PRESETS, MLPProjector
@@ -37,6 +37,5 @@ __all__ = [
     "NVLMProcessor",
     "build_model",
     "freeze_for_stage",
-    "generate",
     "parameter_counts",
 ]
