@@ -107,17 +107,21 @@ def time_quantiles_us(fn: Callable[[], Any], device: str) -> tuple[float, float,
     return q[1], statistics.median(samples), q[7]
 
 
-def eager_us(fn: Callable[[], Any], device: str, calls: int = 50) -> float:
-    """Time per call of back-to-back calls from Python (host overhead included), CUDA only."""
+def eager_us(fn: Callable[[], Any], device: str, calls: int = 50, budget_s: float = 1.0) -> float:
+    """Time per call of back-to-back calls from Python (host overhead included), CUDA only: up to
+    ``calls`` calls, fewer when they pass ``budget_s`` (a whole-model step takes a good part of a
+    second; 50 of them would eat the GPU run's time limit)."""
     if device != "cuda":
         return math.nan
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(calls):
+    done = 0
+    while done < calls and (done < 3 or time.perf_counter() - start < budget_s):
         fn()
+        done += 1
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return (time.perf_counter() - start) / done * 1e6
 
 
 def _git_sha() -> str:
