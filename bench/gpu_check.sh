@@ -107,7 +107,7 @@ kernel_equals_pillow or kernel_dtypes or kernel_rejects or 1x97x25x64 or 2x65x4x
         echo "compute-sanitizer not found: memcheck and racecheck skipped"
     fi
 fi
-want bench && step "benchmarks" 420 "$PY" bench/run_all.py --out "$OUT"
+want bench && step "benchmarks" 420 "$PY" bench/run_all.py --quiet --out "$OUT"
 
 echo
 echo "=== summary"

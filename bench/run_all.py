@@ -22,6 +22,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import ceilings  # noqa: E402
 from common import environment, format_table, markdown_table, measure, plot, read_csv, write_csv  # noqa: E402
@@ -37,6 +38,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (CPU smoke run)")
     parser.add_argument("-k", default="", help="only cases whose name contains this")
     parser.add_argument("--plot-only", metavar="CSV", help="only draw the PNGs of a saved results.csv")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
 
     if args.plot_only:
@@ -52,13 +54,24 @@ def main() -> int:
         f"git {env['git_sha']}"
     )
     start = time.perf_counter()
-    rows = [measure(c, device, env) for c in ceilings.cases(device, args.quick) if args.k in c.name or not args.k]
-    sections = [("ceilings", rows[:], None)]
-    target_lines: list[str] = []
+    # Cases are cheap to list (inputs are made lazily or are small); listing them all first gives the
+    # progress bar its total.
+    planned = [("ceilings", [c for c in ceilings.cases(device, args.quick) if args.k in c.name or not args.k], None)]
     for module in bench_modules():
-        module_rows = [measure(c, device, env) for c in module.cases(device, args.quick) if args.k in c.name]
+        cases = [c for c in module.cases(device, args.quick) if args.k in c.name]
+        planned.append((module.__name__, cases, getattr(module, "BASELINE", None)))
+    progress = tqdm(total=sum(len(c) for _, c, _ in planned), unit="case", disable=args.quiet, mininterval=1.0)
+    rows, sections = [], []
+    target_lines: list[str] = []
+    for name, cases, baseline in planned:
+        module_rows = []
+        for case in cases:
+            progress.set_postfix_str(f"{case.name} {case.provider}", refresh=False)
+            module_rows.append(measure(case, device, env))
+            progress.update()
         rows += module_rows
-        sections.append((module.__name__, module_rows, getattr(module, "BASELINE", None)))
+        sections.append((name, module_rows, baseline))
+    progress.close()
     for module in bench_modules():
         if hasattr(module, "targets"):
             target_lines += module.targets(rows)
