@@ -16,6 +16,11 @@ tensor parallelism 8). ``load_hf_nvlm_d`` checks that they are zero and keeps th
 
 Tensors are read one at a time with ``safetensors.safe_open`` (sliced with ``get_slice`` where only
 part of a tensor is needed), so loading never holds the whole checkpoint in memory.
+
+Tensor-parallel models (``model.tp.size > 1``, ``nvlm.parallel``) load sharded: each rank reads only
+its slices (``get_slice``), the ViT in NVLM's padded head layout (the dummy heads a rank holds are
+checked to be zero, or zero-filled from a real-heads-only checkpoint). Then the ranks agree: if any
+rank failed, every rank raises (no rank is left waiting in a later collective).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nvlm.parallel import TPGroup, agree_on_success, local_shard
 from nvlm.vision import strip_dummy_heads
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,6 +131,12 @@ def _finish(report: LoadReport, strict: bool, what: str) -> LoadReport:
     return report
 
 
+def _tensor_parallel(model: nn.Module) -> TPGroup | None:
+    """The model's TP group when it is sharded over more than one rank (else None)."""
+    tp = getattr(model, "tp", None)
+    return tp if isinstance(tp, TPGroup) and tp.parallel else None
+
+
 def _check_shape(key: str, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
     if got != want:
         label = key if key == name else f"{key} (-> {name})"
@@ -174,7 +186,18 @@ def load_hf_nvlm_d(
     ``NVLMConfig``, else whatever the padded width says) is checked against the shapes.
 
     Raises ValueError for a nonzero dummy head, a shape that differs from the model's, and, with
-    ``strict``, for missing or unexpected keys; returns a ``LoadReport``."""
+    ``strict``, for missing or unexpected keys; returns a ``LoadReport``. A tensor-parallel model
+    reads its own slices only; a failure on any rank raises on every rank."""
+    tp = _tensor_parallel(model)
+    if tp is not None:
+        return agree_on_success(
+            lambda: _load_hf_nvlm_d(model, path, dtype=dtype, strict=strict, num_dummy_heads=num_dummy_heads, tp=tp),
+            tp, f"loading {path}",
+        )  # fmt: skip
+    return _load_hf_nvlm_d(model, path, dtype=dtype, strict=strict, num_dummy_heads=num_dummy_heads, tp=None)
+
+
+def _load_hf_nvlm_d(model, path, *, dtype, strict, num_dummy_heads, tp: TPGroup | None) -> LoadReport:
     targets = _targets(model, buffers=False)
     head_dim = _vision_config_value(model, "head_dim")
     if num_dummy_heads is None:
@@ -193,7 +216,9 @@ def load_hf_nvlm_d(
                     report.unexpected.append(key)
                     continue
                 match = _VIT_ATTN.match(name)
-                if match:
+                if tp is not None:  # this rank's slice; the padded ViT heads stay (nvlm.parallel)
+                    tensor = local_shard(name, f.get_slice(key), model.config, tp)
+                elif match:
                     part = match.group(2)
                     real_width = (
                         target.shape[-1]
@@ -227,6 +252,8 @@ def save_checkpoint(
     (``model-0000i-of-0000n.safetensors``, each at most ``shard_size_bytes`` unless one tensor is
     larger) with a Hugging-Face-style ``model.safetensors.index.json``, and ``config.json``
     (``dataclasses.asdict(config)``) when a config is given. Returns the shard paths."""
+    if _tensor_parallel(model) is not None:
+        raise ValueError("save_checkpoint writes a single-process model; a tensor-parallel model holds only shards")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -266,7 +293,15 @@ def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, dtype: torch.dtype | None = None
 ) -> LoadReport:
     """Load what ``save_checkpoint`` wrote into ``model`` (parameters and persistent buffers).
-    Parameters take ``dtype`` (None: the stored dtype, so a round trip is exact)."""
+    Parameters take ``dtype`` (None: the stored dtype, so a round trip is exact). A tensor-parallel
+    model reads its own slices only; a failure on any rank raises on every rank."""
+    tp = _tensor_parallel(model)
+    if tp is not None:
+        return agree_on_success(lambda: _load_checkpoint(model, path, strict, dtype, tp), tp, f"loading {path}")
+    return _load_checkpoint(model, path, strict, dtype, None)
+
+
+def _load_checkpoint(model, path, strict: bool, dtype, tp: TPGroup | None) -> LoadReport:
     targets = _targets(model, buffers=True)
     report = LoadReport()
     seen: set[str] = set()
@@ -277,8 +312,13 @@ def load_checkpoint(
                 if target is None:
                     report.unexpected.append(key)
                     continue
-                _check_shape(key, key, tuple(f.get_slice(key).get_shape()), tuple(target.shape))
-                _assign(target, f.get_tensor(key), dtype)
+                if tp is not None:
+                    tensor = local_shard(key, f.get_slice(key), model.config, tp)
+                    _check_shape(key, key, tuple(tensor.shape), tuple(target.shape))
+                else:
+                    _check_shape(key, key, tuple(f.get_slice(key).get_shape()), tuple(target.shape))
+                    tensor = f.get_tensor(key)
+                _assign(target, tensor, dtype)
                 seen.add(key)
                 report.loaded += 1
     report.missing = [name for name in targets if name not in seen]

@@ -13,6 +13,12 @@ Weights are random unless ``--checkpoint`` names a directory in our own layout
 tensor names. The tiny presets use the built-in byte tokenizer; the real ones need ``--tokenizer``
 (a local Hugging Face tokenizer directory, read with transformers).
 
+Tensor parallelism: ``torchrun --nproc-per-node N -m nvlm run --preset ... --tp N`` (``nvlm.parallel``):
+the process group is initialized here (gloo on CPU, nccl on CUDA, one GPU per rank), every rank
+builds and loads only its shards, only rank 0 prints, and ``profile`` writes one trace per rank
+(``trace.rank{r}.json``). A bad ``--tp`` (not dividing the heads, or not the number of processes)
+and a rank failing to load end with the error on every rank.
+
 Bad input (an unknown preset, a missing image, a checkpoint directory without weights, ...) ends
 with one ``nvlm <command>: error: ...`` line and exit status 2, as argparse does for its own errors.
 """
@@ -20,7 +26,9 @@ with one ``nvlm <command>: error: ...`` line and exit status 2, as argparse does
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
+import io
 import json
 import os
 import shlex
@@ -69,6 +77,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed runs first (see each command)")
     parser.add_argument("--nvtx", action="store_true", help="open NVTX ranges (as NVLM_NVTX=1 does)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--tp", type=int, default=None, metavar="N",
+        help="tensor-parallel size: launch with torchrun --nproc-per-node N (default: the number of processes)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,18 +112,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup is None:
         args.warmup = 1 if args.command == "profile" else 0
     ranges_were_enabled = _nvtx.is_enabled()  # restored: main may run inside another program (tests)
+    started_group = False
     try:
-        request = _check_request(args)
-        if args.command == "profile":
-            _profile(args, request)
-        else:
-            _run(args, request)
+        tp, started_group = _init_tensor_parallel(args)
+        request = _check_request(args, tp)
+        # only rank 0 prints its report (every rank prints its errors, below)
+        quiet_rank = contextlib.redirect_stdout(io.StringIO()) if tp.rank else contextlib.nullcontext()
+        with quiet_rank:
+            if args.command == "profile":
+                _profile(args, request)
+            else:
+                _run(args, request)
     except CLIError as error:
         print(f"nvlm {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         _nvtx.enable(ranges_were_enabled)
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _init_tensor_parallel(args: argparse.Namespace):
+    """(TPGroup, whether we initialized the process group). Under torchrun (WORLD_SIZE set) the
+    process group is started here; --tp must equal the number of processes."""
+    import torch.distributed as dist
+
+    from nvlm.parallel import TPGroup, init_from_env
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp is None:
+        args.tp = world
+    if args.tp < 1:
+        raise CLIError(f"--tp must be at least 1, got {args.tp}")
+    if args.tp != world:
+        how = "run it under torchrun --nproc-per-node" if world == 1 else "torchrun --nproc-per-node must equal --tp"
+        raise CLIError(f"--tp {args.tp} but {world} processes were started ({how})")
+    if world == 1:
+        return TPGroup(), False
+    started = not dist.is_initialized()
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return init_from_env(device_type), started
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +173,7 @@ class Request:
     checkpoint_kind: str | None  # "ours" or "hf-nvlm-d"
     tokenizer_dir: Path | None
     trace: Path | None  # profile only
+    tp: Any = None  # nvlm.parallel.TPGroup
 
 
 def example_image_path() -> Path:
@@ -163,9 +207,12 @@ def _checkpoint_kind(directory: Path) -> str:
     raise CLIError(f"--checkpoint {directory}: tensor names of neither our layout nor Hugging Face NVLM-D")
 
 
-def _check_request(args: argparse.Namespace) -> Request:
+def _check_request(args: argparse.Namespace, tp=None) -> Request:
     from nvlm.checkpoint import CONFIG_FILE, load_config
     from nvlm.config import PRESETS
+    from nvlm.parallel import TPGroup, check_tp, rank_path
+
+    tp = tp if tp is not None else TPGroup()
 
     checkpoint = Path(args.checkpoint).expanduser() if args.checkpoint else None
     kind = _checkpoint_kind(checkpoint) if checkpoint is not None else None
@@ -204,15 +251,20 @@ def _check_request(args: argparse.Namespace) -> Request:
             f"{config.name} needs --tokenizer DIR (a local Hugging Face tokenizer); only the tiny presets run with "
             "the built-in byte tokenizer"
         )
-    _check_memory(config, device, dtype)
+    try:
+        check_tp(config, tp.size)
+    except ValueError as error:
+        raise CLIError(f"--tp {tp.size}: {error}") from None
+    _check_memory(config, device, dtype, tp.size)
     trace = None
     if args.command == "profile":
         trace = Path(args.trace).expanduser()
         if trace.is_dir():
             raise CLIError(f"--trace {trace}: is a directory; name the JSON file to write")
+        trace = rank_path(trace, tp.rank, tp.size)  # one trace per rank
     return Request(
         config=config, device=device, dtype=dtype, images=images, checkpoint=checkpoint, checkpoint_kind=kind,
-        tokenizer_dir=tokenizer_dir, trace=trace,
+        tokenizer_dir=tokenizer_dir, trace=trace, tp=tp,
     )  # fmt: skip
 
 
@@ -227,9 +279,10 @@ def llm_weight_bytes(config, dtype: torch.dtype) -> int:
     return (embeddings + llm.num_layers * per_layer) * torch.finfo(dtype).bits // 8
 
 
-def _check_memory(config, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before minutes of building, a model whose weights alone exceed the device's memory."""
-    weight_bytes = llm_weight_bytes(config, dtype)
+def _check_memory(config, device: torch.device, dtype: torch.dtype, tp: int = 1) -> None:
+    """Refuse, before minutes of building, a model whose weights alone exceed the device's memory
+    (at tensor-parallel size ``tp``: this rank's share)."""
+    weight_bytes = llm_weight_bytes(config, dtype) // tp
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
@@ -276,7 +329,7 @@ def build_model(request: Request, *, quiet: bool):
         # A layer is registered with its parent right after its constructor (and weight init) ran.
         hook = torch.nn.modules.module.register_module_module_registration_hook(count_layer)
         try:
-            model = NVLM(config, device=request.device, dtype=request.dtype)
+            model = NVLM(config, device=request.device, dtype=request.dtype, tp=request.tp)
         finally:
             hook.remove()
     if request.checkpoint is not None:
@@ -432,8 +485,11 @@ def _report(request: Request, model, tokenizer, inputs, output, timer, elapsed_b
     config = request.config
     weights = f"checkpoint {request.checkpoint}" if request.checkpoint else "random weights"
     params = count_parameters(model)["total"]
+    tp = request.tp.size if request.tp is not None else 1
+    per_rank = f" per rank, tensor parallel {tp}" if tp > 1 else ""
     print(
-        f"{config.name} (NVLM-{config.variant}, {params / 1e6:,.1f}M parameters, {weights}) on {request.device}, "
+        f"{config.name} (NVLM-{config.variant}, {params / 1e6:,.1f}M parameters{per_rank}, {weights}) on "
+        f"{request.device}, "
         f"{str(request.dtype).removeprefix('torch.')}; built in {elapsed_build:.2f} s"
     )
     print("tile plan:")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed
 
 from nvlm.model import NVLM, CrossAttentionCache
 from nvlm_kernels import _nvtx
@@ -176,9 +177,15 @@ def generate(
         full_mask[:, :width] = prompts.attention_mask
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        return sample_next_token(
+        token = sample_next_token(
             logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
+        tp = getattr(model, "tp", None)
+        if do_sample and tp is not None and tp.parallel:
+            # Every tensor-parallel rank has the same logits, but its own random stream: rank 0's
+            # draw decides, so that all ranks keep feeding the same tokens.
+            torch.distributed.broadcast(token, src=0)
+        return token
 
     with _nvtx.range("nvlm.llm.prefill"):
         hidden = model.hidden_states(prompts, cache=cache, cross_cache=cross_cache)

@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvlm.config import LLMConfig
-from nvlm.layers import RMSNorm, SwiGLU
+from nvlm.layers import RMSNorm
+from nvlm.parallel import (
+    TPGroup,
+    copy_to_tp,
+    gather_from_tp,
+    kv_heads,
+    kv_projection,
+    make_swiglu,
+    query_heads,
+    reduce_from_tp,
+)
 from nvlm_kernels import _nvtx
 
 INIT_STD = 0.02
@@ -72,9 +82,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: LLMConfig, *, device=None, dtype=None) -> None:
+    """Grouped-query self-attention; under tensor parallelism (``tp``) this rank's query heads and the
+    kv heads they use (``nvlm.parallel``), with o_proj row-parallel."""
+
+    def __init__(self, config: LLMConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.tp = tp
+        self.kv_heads = kv_heads(config.num_heads, config.num_kv_heads, tp)
+        self.num_heads, self.num_kv_heads = query_heads(config.num_heads, tp)[1], self.kv_heads.count
+        self.head_dim = config.head_dim
         kw = {"device": device, "dtype": dtype}
         hidden = config.hidden_size
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -93,9 +109,10 @@ class SelfAttention(nn.Module):
         layer_index: int,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
+        x = copy_to_tp(x, self.tp)
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        k = kv_projection(self.k_proj, x, self.kv_heads).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = kv_projection(self.v_proj, x, self.kv_heads).view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
@@ -107,15 +124,15 @@ class SelfAttention(nn.Module):
             is_causal=is_causal,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return reduce_from_tp(self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LLMConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: LLMConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.self_attn = SelfAttention(config, **kw)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
+        self.self_attn = SelfAttention(config, **kw, tp=tp)
+        self.mlp = make_swiglu(config.hidden_size, config.intermediate_size, tp, **kw)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_eps, **kw)
 
@@ -151,16 +168,20 @@ def attention_mask_for(
 
 
 class Qwen2Decoder(nn.Module):
-    """Embedding, ``num_layers`` decoder layers, final RMSNorm and the LM head (Qwen2ForCausalLM)."""
+    """Embedding, ``num_layers`` decoder layers, final RMSNorm and the LM head (Qwen2ForCausalLM).
+    Under tensor parallelism (``tp``) the embedding and the head hold this rank's vocabulary rows."""
 
-    def __init__(self, config: LLMConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: LLMConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         kw = {"device": device, "dtype": dtype}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(config, **kw) for _ in range(config.num_layers))
+        self.vocab_start, vocab_end = (tp or TPGroup()).chunk(config.vocab_size)
+        local_vocab = vocab_end - self.vocab_start
+        self.embed_tokens = nn.Embedding(local_vocab, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(config, **kw, tp=tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_eps, **kw)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        self.lm_head = nn.Linear(config.hidden_size, local_vocab, bias=False, **kw)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._layer_labels = [f"nvlm.llm.layer[{i}]" for i in range(config.num_layers)]  # built once: NVTX is hot
@@ -184,16 +205,23 @@ class Qwen2Decoder(nn.Module):
         weight = self.embed_tokens.weight
         c = self.config
         return KVCache(
-            c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
+            c.num_layers, batch, max_len, self.layers[0].self_attn.num_kv_heads if c.num_layers else 0, c.head_dim,
             device=device if device is not None else weight.device, dtype=dtype if dtype is not None else weight.dtype,
         )  # fmt: skip
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        if self.tp is None or not self.tp.parallel:
+            return self.embed_tokens(input_ids)
+        # vocabulary-parallel: look up the ids this rank holds, zeros elsewhere, sum over the ranks
+        local_ids = input_ids - self.vocab_start
+        elsewhere = (local_ids < 0) | (local_ids >= self.embed_tokens.num_embeddings)
+        embeds = self.embed_tokens(local_ids.masked_fill(elsewhere, 0)).masked_fill(elsewhere.unsqueeze(-1), 0.0)
+        return reduce_from_tp(embeds, self.tp)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, S, V] in the hidden's dtype (callers wanting float32 logits cast them)."""
-        return self.lm_head(hidden)
+        """[B, S, V] in the hidden's dtype (callers wanting float32 logits cast them). Under tensor
+        parallelism each rank computes its vocabulary's columns and every rank gets all of them."""
+        return gather_from_tp(self.lm_head(copy_to_tp(hidden, self.tp)), self.tp)
 
     def forward(
         self,

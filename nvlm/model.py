@@ -33,6 +33,7 @@ from torch import nn
 import nvlm_kernels as nk
 from nvlm.config import NVLMConfig
 from nvlm.llm import KVCache, Qwen2Decoder
+from nvlm.parallel import TPGroup, check_tp
 from nvlm.projector import MLPProjector
 from nvlm.vision import InternViT
 from nvlm.xattn import GatedCrossAttentionBlock
@@ -72,10 +73,15 @@ class CrossAttentionCache:
 
 
 class NVLM(nn.Module):
-    def __init__(self, config: NVLMConfig, *, device=None, dtype=None) -> None:
+    """``tp``: this process's tensor-parallel rank (``nvlm.parallel.TPGroup``); None or size 1 is the
+    single-process model. At TP > 1 every module holds only this rank's shards."""
+
+    def __init__(self, config: NVLMConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
-        kw = {"device": device, "dtype": dtype}
+        self.tp = tp if tp is not None else TPGroup()
+        check_tp(config, self.tp.size)
+        kw = {"device": device, "dtype": dtype, "tp": self.tp}
         p = config.projector
         self.vision = InternViT(config.vision, **kw)
         self.projector = MLPProjector(
@@ -355,12 +361,21 @@ def _config(name_or_config: str | NVLMConfig) -> NVLMConfig:
 
 
 def build_model(
-    name_or_config: str | NVLMConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    name_or_config: str | NVLMConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    tp: int | TPGroup | None = None,
 ) -> NVLM:
     """An ``NVLM`` with random weights (load a checkpoint with ``nvlm.checkpoint``). On the meta
-    device (no memory) it prints the parameter count of each component."""
+    device (no memory) it prints the parameter count of each component.
+
+    ``tp``: tensor-parallel size (None: the ``torch.distributed`` world size when initialized, else
+    1). At TP > 1 only this rank's shards are built (``nvlm.parallel``); a size that does not divide
+    the heads / kv heads / FFN / vocabulary, or differs from the world size, is a ValueError."""
     config = _config(name_or_config)
-    model = NVLM(config, device=device, dtype=dtype)
+    group = TPGroup.resolve(tp)
+    check_tp(config, group.size)
+    model = NVLM(config, device=device, dtype=dtype, tp=group)
     if torch.device(device).type == "meta" if device is not None else False:
         counts = count_parameters(model)
         print(f"{config.name} (NVLM-{config.variant}): " + ", ".join(f"{k} {_human(v)}" for k, v in counts.items()))
@@ -373,10 +388,14 @@ def count_parameters(model: NVLM) -> dict[str, int]:
     return counts
 
 
-def parameter_counts(name_or_config: str | NVLMConfig) -> dict[str, int]:
+def parameter_counts(name_or_config: str | NVLMConfig, tp: int = 1) -> dict[str, int]:
     """Parameters per component (``vision``, ``projector``, ``llm``, ``xattn``, ``total``), counted
-    on a model built on the meta device (no memory, no time)."""
-    return count_parameters(NVLM(_config(name_or_config), device="meta"))
+    on a model built on the meta device (no memory, no time). With ``tp`` > 1: those of one rank
+    (rank 0; every rank holds the same shapes), NVLM's dummy ViT heads included."""
+    group = TPGroup(tp, 0) if tp > 1 else None
+    if group is not None:
+        check_tp(_config(name_or_config), tp)
+    return count_parameters(NVLM(_config(name_or_config), device="meta", tp=group))
 
 
 def _human(n: int) -> str:

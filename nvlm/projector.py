@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import nvlm_kernels as nk
+from nvlm.parallel import TPGroup, copy_to_tp, reduce_from_tp
 
 # preset -> (vision width, LayerNorm?, hidden ("llm" = the LLM width), out, biases?)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -58,13 +59,18 @@ class MLPProjector(nn.Sequential):
         drop_cls: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         features = round(vit_hidden / downsample_ratio**2)
         kw = {"device": device, "dtype": dtype}
         layers: list[nn.Module] = [nn.LayerNorm(features, eps=eps, **kw)] if layer_norm else []
+        # Tensor parallelism (nvlm.parallel): the first Linear column-, the second row-parallel. The
+        # one-Linear form stays replicated (small; no collective needed).
+        parallel = tp is not None and tp.parallel and hidden is not None
         if hidden is None:
             layers.append(nn.Linear(features, out, bias=bias, **kw))
         else:
+            hidden = hidden // tp.size if parallel else hidden
             gelu = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
             layers += [nn.Linear(features, hidden, bias=bias, **kw), gelu, nn.Linear(hidden, out, bias=bias, **kw)]
         super().__init__(*layers)
@@ -72,6 +78,7 @@ class MLPProjector(nn.Sequential):
         self.downsample_ratio, self.ps_version = downsample_ratio, ps_version
         self.eps, self.activation, self.drop_cls = eps, activation, drop_cls
         self.layer_norm = layer_norm
+        self.tp = tp if parallel else None
 
     @classmethod
     def from_config(cls, config: str | Any, **overrides: Any) -> MLPProjector:
@@ -116,14 +123,27 @@ class MLPProjector(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ln_w, ln_b, w1, w2, b1, b2 = self._parameters_for_op()
+        if self.tp is not None:
+            # The LayerNorm runs inside the fused op, after the split into column shards: each rank's
+            # gradient of x and of the LayerNorm parameters covers only its columns, so all of them
+            # are summed over the ranks in the backward pass (identity forward).
+            x = copy_to_tp(x, self.tp)
+            ln_w, ln_b = (copy_to_tp(t, self.tp) if t is not None else None for t in (ln_w, ln_b))
         if x.dim() == 3 and x.shape[-1] == self.features and self.features != self.vit_hidden:
             shuffle, drop_cls = None, False  # tokens already shuffled
         else:
             shuffle, drop_cls = self.downsample_ratio, self.drop_cls and x.dim() == 3 and _has_cls(x.shape[1])
-        return nk.mlp_projector(
-            x, ln_w, ln_b, w1, w2, b1, b2, eps=self.eps, activation=self.activation,
+        if self.tp is None:
+            return nk.mlp_projector(
+                x, ln_w, ln_b, w1, w2, b1, b2, eps=self.eps, activation=self.activation,
+                pixel_shuffle=shuffle, drop_cls=drop_cls, version=self.ps_version,
+            )  # fmt: skip
+        partial = nk.mlp_projector(
+            x, ln_w, ln_b, w1, w2, b1, None, eps=self.eps, activation=self.activation,
             pixel_shuffle=shuffle, drop_cls=drop_cls, version=self.ps_version,
         )  # fmt: skip
+        out = reduce_from_tp(partial, self.tp)
+        return out + b2 if b2 is not None else out  # the second bias once, after the sum over ranks
 
 
 def _has_cls(length: int) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 import nvlm_kernels as nk
 from nvlm.config import VisionConfig
 from nvlm.layers import RMSNorm
+from nvlm.parallel import TPGroup, copy_to_tp, reduce_from_tp, sum_across_tp, vit_heads
 from nvlm_kernels import _nvtx
 
 INIT_STD = 0.02  # random-weight runs only; real weights come from a checkpoint
@@ -71,27 +72,55 @@ class InternViTEmbeddings(nn.Module):
 
 
 class InternViTAttention(nn.Module):
-    """Fused QKV projection, optional full-width QK-RMSNorm, non-causal attention, output projection."""
+    """Fused QKV projection, optional full-width QK-RMSNorm, non-causal attention, output projection.
 
-    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+    Under tensor parallelism (``tp``) it holds this rank's heads of NVLM's padded layout (real heads
+    then zero dummy heads, spec §3.1): qkv column-parallel, proj row-parallel (bias after the
+    all-reduce), and the QK-RMSNorm's sum of squares all-reduced over the ranks."""
+
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         if config.hidden_size % config.num_heads:
             raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
         width = config.hidden_size
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.tp = tp
+        self.first_head, self.num_heads = vit_heads(config, tp)
+        self.head_dim = config.head_dim
+        self.real_heads, self.norm_features = config.num_heads, width  # the RMS runs over the real features
         self.num_dummy_heads = config.num_dummy_heads
         self.eps = config.norm_eps
+        local = self.num_heads * self.head_dim
         kw = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias, **kw)
+        self.qkv = nn.Linear(width, 3 * local, bias=config.qkv_bias, **kw)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             # One RMS over all heads of a token (InternVL flattens the heads before q_norm/k_norm).
-            self.q_norm = RMSNorm(width, config.norm_eps, **kw)
-            self.k_norm = RMSNorm(width, config.norm_eps, **kw)
-        self.proj = nn.Linear(width, width, bias=True, **kw)
+            self.q_norm = RMSNorm(local, config.norm_eps, **kw)
+            self.k_norm = RMSNorm(local, config.norm_eps, **kw)
+        self.proj = nn.Linear(local, width, bias=True, **kw)
         self.register_load_state_dict_pre_hook(_strip_dummy_heads)
 
+    @property
+    def parallel(self) -> bool:
+        return self.tp is not None and self.tp.parallel
+
+    @torch.no_grad()
+    def zero_dummy_heads(self) -> None:
+        """Zero this rank's dummy heads (q, k, v rows and proj columns): NVLM's padding is all zeros."""
+        for head in range(self.first_head, self.first_head + self.num_heads):
+            if head < self.real_heads:
+                continue
+            local = (head - self.first_head) * self.head_dim
+            rows = slice(local, local + self.head_dim)
+            qkv = self.qkv.weight.view(3, self.num_heads * self.head_dim, -1)
+            qkv[:, rows] = 0
+            if self.qkv.bias is not None:
+                self.qkv.bias.view(3, -1)[:, rows] = 0
+            self.proj.weight[:, rows] = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return self._forward_parallel(x)
         tiles, tokens, width = x.shape
         qkv = self.qkv(x)  # [T, S, 3C]: the q, k and v blocks, each H heads of D
         with _nvtx.range("nvlm.vision.attention"):
@@ -105,11 +134,35 @@ class InternViTAttention(nn.Module):
                 out = nk.vit_attention(q, k, v)
         return self.proj(out.reshape(tiles, tokens, width))
 
+    def _forward_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        tiles, tokens, _ = x.shape
+        qkv = self.qkv(copy_to_tp(x, self.tp))
+        q, k, v = qkv.view(tiles, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        with _nvtx.range("nvlm.vision.attention"):
+            if self.qk_norm:
+                q, k = self._qk_norm_across_ranks(q, k)
+            out = nk.vit_attention(q, k, v)
+        out = F.linear(out.reshape(tiles, tokens, -1), self.proj.weight)
+        return reduce_from_tp(out, self.tp) + self.proj.bias  # the bias once, after the sum over ranks
+
+    def _qk_norm_across_ranks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InternViT's full-width RMSNorm of q and k when each rank holds only some heads: the per-token
+        sum of squares (float32) is summed over the ranks and divided by the real features (dummy heads
+        add zeros), as Megatron's InternViTRMSNorm / vLLM's var_hidden_size do."""
+        q32, k32 = q.float(), k.float()
+        squares = torch.stack([q32.pow(2).sum((-2, -1)), k32.pow(2).sum((-2, -1))])  # [2, T, S]
+        rstd = torch.rsqrt(sum_across_tp(squares, self.tp) / self.norm_features + self.eps)[..., None, None]
+        shape = (self.num_heads, self.head_dim)
+        q = self.q_norm.weight.view(shape) * (q32 * rstd[0]).to(q.dtype)
+        k = self.k_norm.weight.view(shape) * (k32 * rstd[1]).to(k.dtype)
+        return q, k
+
 
 def _strip_dummy_heads(module: InternViTAttention, state_dict, prefix, *_args) -> None:
     """A ``load_state_dict`` pre-hook: NVLM's dummy-head-padded attention weights (spec §3.1), as
-    in the Hugging Face checkpoint's ``vision_model.*``, load into the real heads."""
-    if not module.num_dummy_heads:
+    in the Hugging Face checkpoint's ``vision_model.*``, load into the real heads. (A tensor-parallel
+    module takes its shards from ``nvlm.parallel``, dummy heads included: nothing to strip.)"""
+    if not module.num_dummy_heads or module.parallel:
         return
     real = module.num_heads * module.head_dim
     for part in ("qkv.weight", "qkv.bias", "proj.weight", "q_norm.weight", "k_norm.weight"):
@@ -180,30 +233,35 @@ def strip_dummy_heads(
 
 
 class InternViTMLP(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2, both with bias."""
+    """fc1 -> exact (erf) GELU -> fc2, both with bias (under ``tp``: fc1 column-, fc2 row-parallel)."""
 
-    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size, bias=True, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size, bias=True, device=device, dtype=dtype)
+        self.tp = tp
+        width = config.mlp_size // (tp.size if tp is not None else 1)
+        self.fc1 = nn.Linear(config.hidden_size, width, bias=True, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        if self.tp is None or not self.tp.parallel:
+            return self.fc2(F.gelu(self.fc1(x)))
+        partial = F.linear(F.gelu(self.fc1(copy_to_tp(x, self.tp))), self.fc2.weight)
+        return reduce_from_tp(partial, self.tp) + self.fc2.bias
 
 
 class InternViTLayer(nn.Module):
     """x += ls1 · attn(norm1(x)); x += ls2 · mlp(norm2(x)) (drop-path is training-only and omitted)."""
 
-    def __init__(self, config: VisionConfig, index: int, *, device=None, dtype=None) -> None:
+    def __init__(self, config: VisionConfig, index: int, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.index = index
         self._nvtx_label = f"nvlm.vision.layer[{index}]"
         self.norm1 = _norm(config, **kw)
-        self.attn = InternViTAttention(config, **kw)
+        self.attn = InternViTAttention(config, **kw, tp=tp)
         self.ls1 = nn.Parameter(torch.empty(config.hidden_size, **kw))
         self.norm2 = _norm(config, **kw)
-        self.mlp = InternViTMLP(config, **kw)
+        self.mlp = InternViTMLP(config, **kw, tp=tp)
         self.ls2 = nn.Parameter(torch.empty(config.hidden_size, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,10 +271,10 @@ class InternViTLayer(nn.Module):
 
 
 class InternViTEncoder(nn.Module):
-    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            InternViTLayer(config, i, device=device, dtype=dtype) for i in range(config.num_layers)
+            InternViTLayer(config, i, device=device, dtype=dtype, tp=tp) for i in range(config.num_layers)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +288,11 @@ class InternViT(nn.Module):
 
     NVLM drops the CLS token before the pixel shuffle (``nvlm.MLPProjector`` does that itself)."""
 
-    def __init__(self, config: VisionConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: VisionConfig, *, device=None, dtype=None, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
         self.embeddings = InternViTEmbeddings(config, device=device, dtype=dtype)
-        self.encoder = InternViTEncoder(config, device=device, dtype=dtype)
+        self.encoder = InternViTEncoder(config, device=device, dtype=dtype, tp=tp)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -258,6 +316,8 @@ class InternViT(nn.Module):
                         nn.init.zeros_(module.bias)
             nn.init.constant_(layer.ls1, self.config.layer_scale_init)
             nn.init.constant_(layer.ls2, self.config.layer_scale_init)
+            if layer.attn.parallel:  # NVLM's padding heads are zeros (spec §3.1)
+                layer.attn.zero_dummy_heads()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:

@@ -20,7 +20,8 @@ from torch import nn
 
 import nvlm_kernels as nk
 from nvlm.config import CrossAttentionConfig, LLMConfig
-from nvlm.layers import RMSNorm, SwiGLU
+from nvlm.layers import RMSNorm
+from nvlm.parallel import TPGroup, copy_to_tp, kv_heads, kv_projection, make_swiglu, query_heads, reduce_from_tp
 from nvlm_kernels import _nvtx
 
 INIT_STD = 0.02
@@ -39,12 +40,17 @@ class GatedCrossAttentionBlock(nn.Module):
         index: int | None = None,
         device=None,
         dtype=None,
+        tp: TPGroup | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads = xattn.num_heads if xattn.num_heads is not None else llm.num_heads
-        self.num_kv_heads = xattn.num_kv_heads if xattn.num_kv_heads is not None else llm.num_kv_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"query heads ({self.num_heads}) must be a multiple of kv heads ({self.num_kv_heads})")
+        num_heads = xattn.num_heads if xattn.num_heads is not None else llm.num_heads
+        num_kv_heads = xattn.num_kv_heads if xattn.num_kv_heads is not None else llm.num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+        # under tensor parallelism: this rank's query heads and the kv heads they use (nvlm.parallel)
+        self.tp = tp
+        self.kv_heads = kv_heads(num_heads, num_kv_heads, tp)
+        self.num_heads, self.num_kv_heads = query_heads(num_heads, tp)[1], self.kv_heads.count
         self.head_dim = llm.head_dim
         self.gate_init = xattn.gate_init
         self.index = index
@@ -60,7 +66,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.gated_ffn = xattn.gated_ffn
         if self.gated_ffn:
             self.ffn_norm = RMSNorm(hidden, eps=llm.rms_eps, **kw)
-            self.mlp = SwiGLU(hidden, llm.intermediate_size, **kw)
+            self.mlp = make_swiglu(hidden, llm.intermediate_size, tp, **kw)
             self.ffn_gate = nn.Parameter(torch.empty(1, **kw))
         self.reset_parameters()
 
@@ -80,8 +86,10 @@ class GatedCrossAttentionBlock(nn.Module):
         """image_embeds [B, Nkv, kv_dim] -> (k, v), each [B, Nkv, Hkv, D]. Computed once per image
         and reused for every decoding step."""
         batch, num_kv, _ = image_embeds.shape
-        k = self.k_proj(image_embeds).view(batch, num_kv, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(image_embeds).view(batch, num_kv, self.num_kv_heads, self.head_dim)
+        image_embeds = copy_to_tp(image_embeds, self.tp)
+        shape = (batch, num_kv, self.num_kv_heads, self.head_dim)
+        k = kv_projection(self.k_proj, image_embeds, self.kv_heads).view(shape)
+        v = kv_projection(self.v_proj, image_embeds, self.kv_heads).view(shape)
         return k, v
 
     def forward(
@@ -100,12 +108,12 @@ class GatedCrossAttentionBlock(nn.Module):
     def _forward(self, h, kv, kv_start, kv_end) -> torch.Tensor:
         batch, seq, _ = h.shape
         k, v = kv
-        q = self.q_proj(self.attn_norm(h)).view(batch, seq, self.num_heads, self.head_dim)
+        q = self.q_proj(copy_to_tp(self.attn_norm(h), self.tp)).view(batch, seq, self.num_heads, self.head_dim)
         attn = nk.gated_cross_attention(q, k, v, kv_start, kv_end)
         # tanh(g)·o_proj(a) = o_proj(tanh(g)·a) since o_proj is linear without bias. The gate is applied
         # here rather than passed to the kernel (gate=): the gate's gradient is then plain autograd of
         # one multiply, and the kernel need not keep an extra ungated copy of its output for it.
-        h = h + torch.tanh(self.attn_gate) * self.o_proj(attn.reshape(batch, seq, -1))
+        h = h + torch.tanh(self.attn_gate) * reduce_from_tp(self.o_proj(attn.reshape(batch, seq, -1)), self.tp)
         if self.gated_ffn:
             row_valid = (kv_end > kv_start).unsqueeze(-1)  # [B, S, 1]
             # where, not a multiply by 0/1: an inf in a row that sees no image still gives exactly 0
