@@ -49,16 +49,20 @@ gradients on exactly the SFT-trainable parameters). A model is built on its case
 only one variant's model is resident at a time (the last one stays until the process ends).
 
     python bench/bench_models.py
+    python bench/bench_models.py --tp 8                                 # weights per rank of the big presets
+    torchrun --nproc-per-node 2 bench/bench_models.py --tp 2            # + time and memory per rank
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import torch
 
 import nvlm
+import nvlm.parallel
 import nvlm_kernels as nk
 from nvlm.model import IGNORE_INDEX
 from nvlm.training import trainable_components
@@ -328,9 +332,131 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------------
+# --tp N: per-rank weights of the big presets (computed), and per-rank time and memory (torchrun)
+
+TINY_TP = dataclasses.replace(CPU_QUICK, label="tiny presets (56 px tiles, 4 image tokens per tile)", image_size=56)
+TP_CALLS = 5  # fixed on every rank: a collective inside the timed call must be entered by all ranks
+
+
+def tp_weight_table(tp: int) -> list[str]:
+    """Weights per rank at TP ``tp`` in bf16, from the sharded parameter counts (no memory used)."""
+    lines = [f"weights per rank at TP {tp} (bf16, from nvlm.parameter_counts(name, tp={tp})):"]
+    for name in ("nvlm-d-72b", "nvlm-x-72b", "nvlm-h-72b", "nvlm-d-34b", "nvlm-x-34b", "nvlm-h-34b", "tiny-h"):
+        try:
+            counts = nvlm.parameter_counts(name, tp=tp)
+        except ValueError as exc:  # the heads do not divide
+            lines.append(f"  {name:<12} not shardable at TP {tp}: {exc}")
+            continue
+        gb = counts["total"] * 2 / 1e9
+        lines.append(f"  {name:<12} {counts['total'] / 1e9:7.3f}B parameters = {gb:6.2f} GB per rank")
+    return lines
+
+
+def _tp_configs(device: str) -> list[tuple[str, nvlm.NVLMConfig, Scale]]:
+    """The tiny presets (6+1 tiles allowed), and on CUDA also the scaled 34B configs."""
+    out = [(f"tiny-{v.lower()}", nvlm.NVLMConfig.from_preset(f"tiny-{v.lower()}").replace(tiling={"max_tiles": 6}),
+            TINY_TP) for v in VARIANTS]  # fmt: skip
+    if device == "cuda":
+        out += [(f"scaled-{v.lower()}-34b", config(v, GPU), GPU) for v in VARIANTS]
+    return out
+
+
+def _tp_step(model: nvlm.NVLM, inputs: nvlm.NVLMInputs, what: str, name: str) -> None:
+    if what == "fwd":
+        with torch.no_grad():
+            loss = model(inputs).loss
+    else:
+        loss = model(inputs).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    if not bool(torch.isfinite(loss)):
+        raise AssertionError(f"{name} {what}: loss {loss} is not finite")
+
+
+def run_tp(tp: int) -> None:
+    """Under ``torchrun --nproc-per-node tp``: every rank builds its shards of each model, checks the
+    loss, then times ``TP_CALLS`` forward and forward+backward calls; rank 0 prints every rank's p50
+    and (CUDA) peak memory."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    from nvlm.parallel import init_from_env
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    group = init_from_env(device)
+    if group.size != tp:
+        raise SystemExit(
+            f"bench_models --tp {tp}: launched with {group.size} processes (use torchrun --nproc-per-node {tp})"
+        )
+    rows = []
+    for name, cfg, scale in _tp_configs(device):
+        try:
+            nvlm.parallel.check_tp(cfg, tp)
+        except ValueError as exc:
+            rows.append((name, "skipped", str(exc), "", ""))
+            continue
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = nvlm.build_model(cfg, device=device, dtype=dtype)
+        nvlm.freeze_for_stage(model, "sft")
+        inputs = make_inputs(cfg, scale, device)
+        for what in ("fwd", "fwd+bwd"):
+            call = functools.partial(_tp_step, model, inputs, what, name)
+            call()  # warm-up and check
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(TP_CALLS):
+                dist.barrier()
+                start = time.perf_counter()
+                call()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device == "cuda" else ""
+            rows.append((name, what, f"{statistics.median(times):.1f}", peak, f"{scale.batch}"))
+        del model, inputs
+    gathered = [None] * tp
+    dist.all_gather_object(gathered, rows)
+    if group.rank == 0:
+        print(f"bench_models --tp {tp} on {device}: {tp} ranks, p50 of {TP_CALLS} steps per rank, CUDA peak memory per rank")
+        print(f"{'model':<16} {'step':<8} " + " ".join(f"{'rank ' + str(r) + ' ms':>12} {'MiB':>7}" for r in range(tp)))
+        for i, (name, what, *_rest) in enumerate(rows):
+            if what == "skipped":
+                print(f"{name:<16} skipped: {rows[i][2]}")
+                continue
+            cells = " ".join(f"{g[i][2]:>12} {g[i][3]:>7}" for g in gathered)
+            print(f"{name:<16} {what:<8} {cells}")
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
+    import argparse
+    import os
     import sys
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size (per-rank weights; under torchrun also time and memory per rank)",
+    )
+    args = parser.parse_args()
+    if args.tp is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join(tp_weight_table(args.tp)) + "\n")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            run_tp(args.tp)
+        else:
+            print(
+                f"(per-rank time and memory: torchrun --nproc-per-node {args.tp} bench/bench_models.py --tp {args.tp})"
+            )
+        sys.exit(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"bench_models: {scale_for(device, quick=False).label}\n")
     run_module(sys.modules[__name__])
