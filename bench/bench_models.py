@@ -423,7 +423,7 @@ def run_tp(tp: int) -> None:
     gathered = [None] * tp
     dist.all_gather_object(gathered, rows)
     if group.rank == 0:
-        print(f"bench_models --tp {tp} on {device}: {tp} ranks, p50 of {TP_CALLS} steps per rank, CUDA peak memory per rank")
+        print(f"bench_models --tp {tp} on {device}: p50 of {TP_CALLS} steps per rank, CUDA peak memory per rank")
         print(f"{'model':<16} {'step':<8} " + " ".join(f"{'rank ' + str(r) + ' ms':>12} {'MiB':>7}" for r in range(tp)))
         for i, (name, what, *_rest) in enumerate(rows):
             if what == "skipped":
