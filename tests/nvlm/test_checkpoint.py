@@ -12,7 +12,6 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from nvlm.checkpoint import (
@@ -124,53 +123,6 @@ def random_weights(cfg: NVLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def to_hf_nvlm_d(ours: dict[str, torch.Tensor], cfg: NVLMConfig) -> dict[str, torch.Tensor]:
-    """The Hugging Face NVLM-D checkpoint holding ``ours`` (spec §3.1): ViT attention padded with
-    zero dummy heads after the real ones in each of the q, k, v blocks and in proj's columns; the
-    qk-norm weights padded with *nonzero* values (they only ever scale the dummy heads' zeros)."""
-    v = cfg.vision
-    heads, dummy, d, c = v.num_heads, v.num_dummy_heads, v.head_dim, v.hidden_size
-    gen = torch.Generator().manual_seed(1)
-    hf = {}
-    for name, tensor in ours.items():
-        if name.endswith("attn.qkv.weight"):
-            per_head = tensor.reshape(3, heads, d, c)
-            tensor = torch.cat([per_head, per_head.new_zeros(3, dummy, d, c)], dim=1).reshape(-1, c)
-        elif name.endswith("attn.proj.weight"):
-            per_head = tensor.reshape(c, heads, d)
-            tensor = torch.cat([per_head, per_head.new_zeros(c, dummy, d)], dim=1).reshape(c, -1)
-        elif name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):
-            tensor = torch.cat([tensor, torch.rand(dummy * d, generator=gen).add(0.5).to(tensor.dtype)])
-        if name.startswith("vision."):
-            hf["vision_model." + name[len("vision.") :]] = tensor
-        elif name.startswith("projector."):
-            hf["mlp1." + name[len("projector.") :]] = tensor
-        elif name == "llm.lm_head.weight":
-            hf["language_model.lm_head.weight"] = tensor
-        else:
-            hf["language_model.model." + name[len("llm.") :]] = tensor
-    return hf
-
-
-def write_hf(directory, hf: dict[str, torch.Tensor], *, shards: int = 2):
-    """Write ``hf`` as NVLM-D-72B ships: model-0000i-of-0000n.safetensors + the index (one shard:
-    a bare model.safetensors)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if shards == 1:
-        save_file({k: t.contiguous() for k, t in hf.items()}, directory / "model.safetensors")
-        return directory
-    keys = list(hf)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i::shards]
-        save_file({k: hf[k].contiguous() for k in part}, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in hf.values())
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return directory
-
-
 TINY_D = NVLMConfig.from_preset("tiny-d")
 
 
@@ -180,14 +132,14 @@ def test_the_stand_in_has_the_models_names_and_shapes():
 
 
 @pytest.mark.parametrize("shards", [2, 1], ids=["index+2-shards", "single-file"])
-def test_hf_nvlm_d_weights_land_on_the_real_heads_in_bf16(tmp_path, make_model, shards):
+def test_hf_nvlm_d_weights_land_on_the_real_heads_in_bf16(hf_layout, tmp_path, make_model, shards):
     assert TINY_D.vision.num_dummy_heads > 0
     ours = random_weights(TINY_D)
-    hf = to_hf_nvlm_d(ours, TINY_D)
+    hf = hf_layout.to_hf(ours, TINY_D)
     qkv = hf["vision_model.encoder.layers.0.attn.qkv.weight"]
     assert qkv.shape[0] == 3 * (TINY_D.vision.num_heads + TINY_D.vision.num_dummy_heads) * TINY_D.vision.head_dim
     model = make_model(TINY_D)
-    report = load_hf_nvlm_d(model, write_hf(tmp_path / "hf", hf, shards=shards))
+    report = load_hf_nvlm_d(model, hf_layout.write(tmp_path / "hf", hf, shards=shards))
     assert (report.missing, report.unexpected, report.loaded) == ([], [], len(hf))
     params = dict(model.named_parameters())
     for name, want in ours.items():
@@ -199,10 +151,10 @@ def test_hf_nvlm_d_weights_land_on_the_real_heads_in_bf16(tmp_path, make_model, 
     assert torch.equal(params["vision.encoder.layers.0.attn.qkv.weight"][c], qkv[padded])
 
 
-def test_load_keeps_float32_when_asked(tmp_path):
-    hf = to_hf_nvlm_d(random_weights(TINY_D), TINY_D)
+def test_load_keeps_float32_when_asked(hf_layout, tmp_path):
+    hf = hf_layout.to_hf(random_weights(TINY_D), TINY_D)
     model = stand_in_model(TINY_D)
-    load_hf_nvlm_d(model, write_hf(tmp_path, hf), dtype=torch.float32)
+    load_hf_nvlm_d(model, hf_layout.write(tmp_path, hf), dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
@@ -214,8 +166,8 @@ def test_load_keeps_float32_when_asked(tmp_path):
         ("vision_model.encoder.layers.1.attn.proj.weight", "column", "columns"),
     ],
 )
-def test_a_nonzero_dummy_head_is_refused_by_name(tmp_path, key, where, message):
-    hf = to_hf_nvlm_d(random_weights(TINY_D), TINY_D)
+def test_a_nonzero_dummy_head_is_refused_by_name(hf_layout, tmp_path, key, where, message):
+    hf = hf_layout.to_hf(random_weights(TINY_D), TINY_D)
     c = TINY_D.vision.hidden_size
     tensor = hf[key].clone()
     padded = tensor.shape[-1] if where == "column" else tensor.shape[0] // 3
@@ -226,30 +178,30 @@ def test_a_nonzero_dummy_head_is_refused_by_name(tmp_path, key, where, message):
         tensor[block * padded + c, 5] = -2.0  # first dummy row of that block
     hf[key] = tensor
     with pytest.raises(ValueError, match=re.escape(key) + ".*" + message):
-        load_hf_nvlm_d(stand_in_model(TINY_D), write_hf(tmp_path, hf))
+        load_hf_nvlm_d(stand_in_model(TINY_D), hf_layout.write(tmp_path, hf))
 
 
-def test_a_dummy_head_count_that_does_not_fit_the_shapes_is_refused(tmp_path):
-    path = write_hf(tmp_path, to_hf_nvlm_d(random_weights(TINY_D), TINY_D))
+def test_a_dummy_head_count_that_does_not_fit_the_shapes_is_refused(hf_layout, tmp_path):
+    path = hf_layout.write(tmp_path, hf_layout.to_hf(random_weights(TINY_D), TINY_D))
     with pytest.raises(ValueError, match=r"qkv\.weight.*3 dummy heads"):
         load_hf_nvlm_d(stand_in_model(TINY_D), path, num_dummy_heads=3)
     assert load_hf_nvlm_d(stand_in_model(TINY_D), path, num_dummy_heads=2).loaded
 
 
-def test_a_wrong_shape_names_the_key_and_both_shapes(tmp_path):
-    hf = to_hf_nvlm_d(random_weights(TINY_D), TINY_D)
+def test_a_wrong_shape_names_the_key_and_both_shapes(hf_layout, tmp_path):
+    hf = hf_layout.to_hf(random_weights(TINY_D), TINY_D)
     hf["mlp1.1.weight"] = hf["mlp1.1.weight"].t()
     with pytest.raises(ValueError, match=re.escape("mlp1.1.weight") + r".*\[512, 256\].*\[256, 512\]"):
-        load_hf_nvlm_d(stand_in_model(TINY_D), write_hf(tmp_path, hf))
+        load_hf_nvlm_d(stand_in_model(TINY_D), hf_layout.write(tmp_path, hf))
 
 
-def test_missing_and_unexpected_keys_are_reported_or_raised(tmp_path):
-    hf = to_hf_nvlm_d(random_weights(TINY_D), TINY_D)
+def test_missing_and_unexpected_keys_are_reported_or_raised(hf_layout, tmp_path):
+    hf = hf_layout.to_hf(random_weights(TINY_D), TINY_D)
     del hf["language_model.model.norm.weight"]
     hf["language_model.model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
     hf["img_context_token.weight"] = torch.zeros(2, dtype=torch.bfloat16)
     hf["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # recomputed: ignored
-    path = write_hf(tmp_path, hf)
+    path = hf_layout.write(tmp_path, hf)
     model = stand_in_model(TINY_D)
     report = load_hf_nvlm_d(model, path, strict=False)
     assert report.missing == ["llm.norm.weight"]

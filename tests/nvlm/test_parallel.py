@@ -9,7 +9,6 @@ single-process results computed here. Every process is joined with a timeout and
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -20,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from nvlm import NVLMConfig, build_model, parameter_counts
-from nvlm.checkpoint import INDEX_FILE, load_checkpoint, save_checkpoint
+from nvlm.checkpoint import load_checkpoint, save_checkpoint
 from nvlm.generate import generate
 from nvlm.parallel import TPGroup, check_tp, shard_state_dict
 from nvlm.processor import NVLMProcessor
@@ -71,45 +69,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _to_hf_nvlm_d(ours: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """Our NVLM-D state dict in the Hugging Face layout: ViT attention padded with zero dummy heads
-    (nonzero qk-norm padding: it only ever scales zeros), as tests/nvlm/test_checkpoint.py builds it."""
-    v = config.vision
-    heads, dummy, d, c = v.num_heads, v.num_dummy_heads, v.head_dim, v.hidden_size
-    hf = {}
-    for name, tensor in ours.items():
-        if name.endswith("attn.qkv.weight"):
-            per_head = tensor.reshape(3, heads, d, c)
-            tensor = torch.cat([per_head, per_head.new_zeros(3, dummy, d, c)], dim=1).reshape(-1, c)
-        elif name.endswith("attn.proj.weight"):
-            per_head = tensor.reshape(c, heads, d)
-            tensor = torch.cat([per_head, per_head.new_zeros(c, dummy, d)], dim=1).reshape(c, -1)
-        elif name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):
-            tensor = torch.cat([tensor, torch.full((dummy * d,), 0.7)])
-        if name.startswith("vision."):
-            hf["vision_model." + name[len("vision.") :]] = tensor
-        elif name.startswith("projector."):
-            hf["mlp1." + name[len("projector.") :]] = tensor
-        elif name == "llm.lm_head.weight":
-            hf["language_model.lm_head.weight"] = tensor
-        else:
-            hf["language_model.model." + name[len("llm.") :]] = tensor
-    return hf
-
-
-def _write_hf(directory: Path, hf: dict[str, torch.Tensor]) -> Path:
-    directory.mkdir(parents=True)
-    keys = list(hf)
-    weight_map = {}
-    for i in range(2):
-        file = f"model-{i + 1:05d}-of-00002.safetensors"
-        part = keys[i::2]
-        save_file({k: hf[k].contiguous() for k in part}, directory / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (directory / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    return directory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,12 +166,12 @@ def _run_ranks(world: int, workdir: Path, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def session(tmp_path_factory, hf_layout):
     workdir = tmp_path_factory.mktemp("tp")
     full = {preset: _full_model(preset) for preset in VARIANTS}
     torch.save({preset: model.state_dict() for preset, model in full.items()}, workdir / "full_states.pt")
     save_checkpoint(full["tiny-d"], workdir / "ours")
-    _write_hf(workdir / "hf", _to_hf_nvlm_d(full["tiny-d"].state_dict(), full["tiny-d"].config))
+    hf_layout.write(workdir / "hf", hf_layout.to_hf(full["tiny-d"].state_dict(), full["tiny-d"].config))
     _run_ranks(TP, workdir, SESSION_TIMEOUT_S)
     ranks = [torch.load(workdir / f"rank{r}.pt") for r in range(TP)]
     return full, ranks
