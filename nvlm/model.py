@@ -376,7 +376,7 @@ def build_model(
     group = TPGroup.resolve(tp)
     check_tp(config, group.size)
     model = NVLM(config, device=device, dtype=dtype, tp=group)
-    if torch.device(device).type == "meta" if device is not None else False:
+    if device is not None and torch.device(device).type == "meta":
         counts = count_parameters(model)
         print(f"{config.name} (NVLM-{config.variant}): " + ", ".join(f"{k} {_human(v)}" for k, v in counts.items()))
     return model

@@ -184,13 +184,17 @@ def _(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, act
     )
 
 
-def _setup(ctx, inputs, output) -> None:
-    x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, _save = inputs
-    _out, mean, rstd, pre = output
-    ctx.save_for_backward(x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre)
-    ctx.meta = (eps, activation, downscale, v2, cls)
-    ctx.mark_non_differentiable(mean, rstd, pre)
+def _save(ctx, args, mean, rstd, pre) -> None:
+    """What both autograd paths keep: the 7 tensor inputs + the forward's statistics, the 5 options."""
+    ctx.save_for_backward(*args[:7], mean, rstd, pre)
+    ctx.meta = tuple(args[7:12])
     _backend.remember_backend(ctx, OP)
+
+
+def _setup(ctx, inputs, output) -> None:
+    _out, mean, rstd, pre = output
+    _save(ctx, inputs, mean, rstd, pre)
+    ctx.mark_non_differentiable(mean, rstd, pre)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre):
@@ -214,9 +218,7 @@ class _EagerProjector(torch.autograd.Function):
     def forward(ctx, x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls):
         args = (x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls)
         out, mean, rstd, pre = _forward(*args, True)
-        ctx.save_for_backward(x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre)
-        ctx.meta = (eps, activation, downscale, v2, cls)
-        _backend.remember_backend(ctx, OP)
+        _save(ctx, args, mean, rstd, pre)
         return out
 
     @staticmethod
