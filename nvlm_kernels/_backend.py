@@ -1,20 +1,28 @@
 """Backend selection shared by every op.
 
-Each op has up to three implementations of its forward/backward kernels:
+Two kinds of implementation, selected by name:
 
-* ``cuda``      - the compiled extension ``nvlm_kernels._C`` (private ``torch.ops.nvlm_C`` ops).
-                  On CUDA tensors its CUDA kernels run; on CPU tensors its C++ host kernels run,
-                  which share the index math with the device code (that is how the host tests
-                  check the CUDA index arithmetic without a GPU).
-* ``triton``    - Triton kernels. On CUDA tensors with a GPU driver; on CPU tensors only through
-                  the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined).
-* ``reference`` - plain PyTorch, readable; the oracle and the CPU implementation.
+* our kernels -- ``cuda`` (the compiled extension ``nvlm_kernels._C``: its CUDA kernels on CUDA
+  tensors, its C++ host kernels on CPU tensors, which share the index math with the device code),
+  ``triton`` (Triton kernels: on CUDA tensors with a driver, on CPU tensors only through the Triton
+  interpreter) and ``reference`` (plain PyTorch: the oracle);
+* peers -- the strongest implementation a user already has, behind our checks and semantics:
+  ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``; torch picks cuDNN / flash /
+  memory-efficient), ``flex`` (FlexAttention with a block mask) and ``unfused`` (the projector as
+  one memory-bound gather + LayerNorm pass, then cuBLAS GEMMs). Each op declares the peers it has.
 
 Choice, strongest first: the innermost ``use_backend(...)`` context, then the environment variable
 ``NVLM_KERNELS_BACKEND`` (read at call time), then ``auto``. An explicitly requested backend that
-cannot run raises ``BackendUnavailableError`` naming the reason; only ``auto`` falls back
-(CUDA tensors: cuda -> triton -> reference; CPU tensors: reference), and it says so once through
-``logging`` and always in ``python -m nvlm_kernels.info``.
+cannot run raises ``BackendUnavailableError`` naming the reason; only ``auto`` falls back.
+
+``auto`` for an op with peers (``select``): the backend the dispatch table (``_dispatch``) measured
+fastest for this op, device kind, dtype, shape bucket and pass; with no measurement, the op's
+default peer for the device type, never an unmeasured kernel of ours. Ops without peers
+(pixel_shuffle, preprocess) keep the order cuda -> triton -> reference on CUDA tensors and the
+reference on CPU tensors. ``python -m nvlm_kernels.info`` shows what auto picks and why.
+
+``select`` reads only shapes, dtypes and devices (no device sync), caches its answer per shape
+bucket, and under ``torch.compile`` runs once at trace time (its result is a constant of the graph).
 """
 
 from __future__ import annotations
@@ -26,14 +34,16 @@ import importlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from nvlm_kernels import _extension
 
-BACKENDS = ("cuda", "triton", "reference")
+KERNEL_BACKENDS = ("cuda", "triton", "reference")
+PEER_BACKENDS = ("sdpa", "flex", "unfused")
+BACKENDS = KERNEL_BACKENDS + PEER_BACKENDS
 ENV_VAR = "NVLM_KERNELS_BACKEND"
 
 _log = logging.getLogger("nvlm_kernels")
@@ -51,24 +61,55 @@ class BackendUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class OpBackends:
     """Which backends an op implements. ``cuda_op`` is the nvlm_C op that proves the extension
-    carries this op (checked with the dispatcher, so a stale build without it is detected)."""
+    carries this op (checked with the dispatcher, so a stale build without it is detected).
+    ``peers``: the peer backends it has; ``default_peer``: device type -> the peer ``auto`` takes
+    where nothing was measured (ops without peers keep the kernel order)."""
 
     name: str
     has_triton: bool
     cuda_op: str | None  # e.g. "nvlm_C::pixel_shuffle_fwd"
+    peers: tuple[str, ...] = ()
+    default_peer: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Every backend name this op implements, kernels first."""
+        kernels = (("cuda",) if self.cuda_op else ()) + (("triton",) if self.has_triton else ()) + ("reference",)
+        return kernels + self.peers
 
 
 _REGISTRY: dict[str, OpBackends] = {}
 
+# FlexAttention has no CPU backward (torch 2.13) and its CPU forward is slow: auto never takes it there.
+_AUTO_DEVICES = {"flex": ("cuda",)}
 
-def register_op(name: str, *, has_triton: bool, cuda_op: str | None) -> OpBackends:
-    entry = OpBackends(name, has_triton, cuda_op)
+
+def register_op(
+    name: str,
+    *,
+    has_triton: bool,
+    cuda_op: str | None,
+    peers: tuple[str, ...] = (),
+    default_peer: dict[str, str] | None = None,
+) -> OpBackends:
+    unknown = [p for p in peers if p not in PEER_BACKENDS]
+    if unknown:
+        raise ValueError(f"{name}: unknown peer backends {unknown}")
+    default_peer = dict(default_peer or {})
+    if any(p not in peers for p in default_peer.values()):
+        raise ValueError(f"{name}: default peers {default_peer} must be among its peers {peers}")
+    entry = OpBackends(name, has_triton, cuda_op, tuple(peers), default_peer)
     _REGISTRY[name] = entry
+    _select_auto.cache_clear()
     return entry
 
 
 def registered_ops() -> dict[str, OpBackends]:
     return dict(_REGISTRY)
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    return _REGISTRY[op].backends
 
 
 def _normalize(name: str, what: str) -> str:
@@ -153,13 +194,17 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
 def _why_unavailable(op: str, backend: str, device_type: str, interpreter: bool) -> str | None:
     device = torch.device(device_type)
     entry = _REGISTRY[op]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend not in entry.backends:
+        return f"{op} has no {backend!r} backend (its backends: {', '.join(entry.backends)})"
     if backend == "reference":
         return None
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
+    if backend in PEER_BACKENDS:
+        return _peer_unavailable(backend, device.type)
     if backend == "triton":
-        if not entry.has_triton:
-            return f"{op} has no Triton kernel"
         err = _triton_import_error()
         if err:
             return err
@@ -172,37 +217,211 @@ def _why_unavailable(op: str, backend: str, device_type: str, interpreter: bool)
                 return None
             return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before import"
         return f"Triton backend does not support device type {device.type!r}"
-    if backend == "cuda":
-        if entry.cuda_op is None:
-            return f"{op} has no compiled kernel"
-        err = _extension.load_error()
-        if err:
-            return err
-        key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
-        if key is None:
-            return f"the extension has no kernels for device type {device.type!r}"
-        if not _extension.has_kernel(entry.cuda_op, key):
-            if key == "CUDA":
-                return "the extension was built without CUDA kernels (CPU torch or no nvcc at build time)"
-            return f"the extension has no {key} kernel for {entry.cuda_op} (stale build? rebuild it)"
-        return None
-    raise ValueError(f"unknown backend {backend!r}")
+    # backend == "cuda"
+    err = _extension.load_error()
+    if err:
+        return err
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
+    if key is None:
+        return f"the extension has no kernels for device type {device.type!r}"
+    if not _extension.has_kernel(entry.cuda_op, key):
+        if key == "CUDA":
+            return "the extension was built without CUDA kernels (CPU torch or no nvcc at build time)"
+        return f"the extension has no {key} kernel for {entry.cuda_op} (stale build? rebuild it)"
+    return None
 
 
-_warned_fallback: set[tuple[str, str]] = set()
+def _peer_unavailable(backend: str, device_type: str) -> str | None:
+    if device_type not in ("cpu", "cuda"):
+        return f"the {backend} backend runs on CPU and CUDA tensors, not {device_type!r}"
+    if backend == "flex":
+        try:
+            importlib.import_module("torch.nn.attention.flex_attention")
+        except Exception as exc:  # pragma: no cover - depends on the torch version
+            return f"FlexAttention cannot be imported from this torch ({type(exc).__name__}: {exc})"
+        if device_type == "cuda" and _triton_import_error():
+            return f"FlexAttention compiles to Triton on CUDA: {_triton_import_error()}"
+    return None
+
+
+_warned_fallback: set[tuple] = set()
+
+
+def _default_order(op: str, device_type: str) -> tuple[str, ...]:
+    """What auto tries where nothing was measured: for an op with peers, its default peer for the
+    device type, then its other peers, then the reference (never an unmeasured kernel of ours);
+    for an op without peers, our kernels in the order cuda -> triton -> reference on CUDA tensors,
+    the reference on CPU tensors."""
+    entry = _REGISTRY[op]
+    if not entry.peers:
+        return ("cuda", "triton", "reference") if device_type == "cuda" else ("reference",)
+    default = entry.default_peer.get(device_type)
+    peers = [p for p in entry.peers if device_type in _AUTO_DEVICES.get(p, (device_type,))]
+    if default in peers:
+        peers.remove(default)
+        peers.insert(0, default)
+    return (*peers, "reference")
 
 
 def auto_choice(op: str, device: torch.device | str) -> tuple[str, list[tuple[str, str]]]:
-    """The backend ``auto`` picks for ``op`` on ``device``, and the (backend, reason) pairs skipped."""
+    """The backend ``auto`` picks for ``op`` on ``device`` where the dispatch table has no entry for
+    the call, and the (backend, reason) pairs skipped."""
     device = torch.device(device)
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
     skipped: list[tuple[str, str]] = []
-    for backend in order:
+    for backend in _default_order(op, device.type):
         reason = why_unavailable(op, backend, device)
         if reason is None:
             return backend, skipped
         skipped.append((backend, reason))
     raise AssertionError("reference is always available")  # pragma: no cover
+
+
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). Written as comparisons so that under
+    torch.compile with dynamic shapes it guards on the bucket's range, not on n's exact value."""
+    bucket = 1
+    while n > bucket:
+        bucket *= 2
+    return bucket
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dispatch_table():
+    """The dispatch table in effect (``_dispatch.Table``; read on first use)."""
+    from nvlm_kernels import _dispatch
+
+    return _dispatch.load({name: entry.backends for name, entry in _REGISTRY.items()})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``auto`` decided for one (op, device kind, dtype, bucket, pass), and why."""
+
+    backend: str
+    reason: str  # "measured on ..." or "no measurement for ...: the default peer ..."
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_auto(
+    op: str, device_type: str, device_index: int | None, dtype: torch.dtype, bucket: str, grad: bool,
+    unsupported: tuple[tuple[str, str], ...], interpreter: bool,
+) -> Selection:  # fmt: skip
+    from nvlm_kernels import _dispatch
+
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    call_reasons = dict(unsupported)
+    pass_ = "fwd+bwd" if grad else "fwd"
+    kind = _dispatch.device_kind(device)
+    skipped: list[tuple[str, str]] = []
+    measured = dispatch_table().lookup(op, kind, dtype_name(dtype), bucket, pass_) if _REGISTRY[op].peers else None
+    if measured is not None:
+        reason = why_unavailable(op, measured.backend, device) or call_reasons.get(measured.backend)
+        if reason is None:
+            return Selection(measured.backend, measured.describe())
+        skipped.append((measured.backend, f"measured fastest but unusable here: {reason}"))
+    for backend in _default_order(op, device_type):
+        reason = why_unavailable(op, backend, device) or call_reasons.get(backend)
+        if reason is None:
+            if not _REGISTRY[op].peers:
+                why = "kernel order (no peers)"
+            else:
+                why = f"no measurement for {kind}, {dtype_name(dtype)}, {bucket or 'any shape'}, {pass_}"
+                why += f": {'the default peer' if backend == _REGISTRY[op].default_peer.get(device_type) else 'next'}"
+            return Selection(backend, why, tuple(skipped))
+        skipped.append((backend, reason))
+    raise AssertionError("reference is always available")  # pragma: no cover
+
+
+_recorders: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def record_selections() -> Iterator[list[dict]]:
+    """Collects every ``select`` call made inside (op, device kind, dtype, bucket, pass, backend):
+    how the tuner learns the bucket of the shapes it measures from the ops themselves."""
+    calls: list[dict] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def explain(
+    op: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    bucket: str = "",
+    *,
+    grad: bool = False,
+    unsupported: tuple[tuple[str, str], ...] = (),
+) -> Selection:
+    """What ``select`` would run for these arguments now, and why (``python -m nvlm_kernels.info``)."""
+    device = torch.device(device)
+    requested = requested_backend(op)
+    if requested != "auto":
+        reason = why_unavailable(op, requested, device) or dict(unsupported).get(requested)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"nvlm_kernels.{op}: backend {requested!r} was requested but cannot run this call on "
+                f"{device.type} tensors: {reason}"
+            )
+        return Selection(requested, f"requested ({ENV_VAR} or use_backend)")
+    selection = _select_auto(
+        op, device.type, device.index, dtype, bucket, bool(grad), tuple(unsupported), triton_interpreter_enabled()
+    )
+    if selection.skipped:
+        key = (op, device.type, selection.backend, selection.skipped)
+        if key not in _warned_fallback:
+            _warned_fallback.add(key)
+            log = _log.warning if device.type == "cuda" else _log.info
+            log(
+                "nvlm_kernels.%s: auto runs the %s backend on %s tensors (%s)",
+                op, selection.backend, device.type, "; ".join(f"{b}: {r}" for b, r in selection.skipped),
+            )  # fmt: skip
+    return selection
+
+
+@torch.compiler.assume_constant_result
+def select(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    bucket: str,
+    grad: bool,
+    unsupported: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """The backend that runs this call of ``op``: the explicit request (``BackendUnavailableError``
+    if it cannot run it, e.g. a backend the op lacks or a dtype its kernels do not take, given in
+    ``unsupported`` as (backend, reason) pairs) or auto's choice (``explain``).
+
+    ``bucket`` is the op's shape bucket (built with ``pow2_bucket``), ``grad`` whether the call
+    records an autograd graph. Under torch.compile this runs once, at trace time: the choice is a
+    constant of the compiled graph (a later ``use_backend`` needs a recompile to take effect)."""
+    backend = explain(op, device, dtype, bucket, grad=grad, unsupported=unsupported).backend
+    if _recorders:
+        from nvlm_kernels import _dispatch
+
+        call = {
+            "op": op, "device": _dispatch.device_kind(device), "dtype": dtype_name(dtype), "bucket": bucket,
+            "pass": "fwd+bwd" if grad else "fwd", "backend": backend,
+        }  # fmt: skip
+        for calls in _recorders:
+            calls.append(call)
+    return backend
+
+
+def reset_caches() -> None:
+    """Forget cached choices and the loaded dispatch table (after changing NVLM_KERNELS_DISPATCH)."""
+    from nvlm_kernels import _dispatch
+
+    _dispatch.reload()
+    _select_auto.cache_clear()
+    _warned_fallback.clear()
 
 
 def resolve(op: str, device: torch.device | str) -> str:

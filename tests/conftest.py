@@ -27,7 +27,7 @@ def device(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=list(nvlm_kernels.BACKENDS))
+@pytest.fixture(params=list(nvlm_kernels._backend.KERNEL_BACKENDS))
 def backend(request) -> str:
     return request.param
 
