@@ -162,7 +162,7 @@ def generate(
             f"the longest prompt ({width} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
             f"sequence length {limit} (config.max_seq_len)"
         )
-    model.check_inputs(prompts)
+    facts = model.check_inputs(prompts)  # the prefill's one device -> host transfer
     device = prompts.input_ids.device
     stop_ids = torch.tensor(list(stop_token_ids or ()), dtype=torch.long, device=device)
 
@@ -172,7 +172,7 @@ def generate(
     # Decoding masks: the prompt's, then one column per fed token (real in every row; a stopped
     # row keeps decoding, its tokens are discarded). None when no row has padding.
     full_mask = None
-    if not bool(prompts.attention_mask.all()):
+    if not facts.all_real:
         full_mask = torch.ones((batch, width + max_new_tokens - 1), dtype=torch.bool, device=device)
         full_mask[:, :width] = prompts.attention_mask
 
@@ -188,7 +188,7 @@ def generate(
         return token
 
     with _nvtx.range("nvlm.llm.prefill"):
-        hidden = model.hidden_states(prompts, cache=cache, cross_cache=cross_cache)
+        hidden = model.hidden_states(prompts, cache=cache, cross_cache=cross_cache, facts=facts)
         token = choose(model.llm.logits(hidden[:, -1:]))  # the prompt's other positions need no logits
 
     sequences = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

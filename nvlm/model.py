@@ -49,6 +49,14 @@ class NVLMOutput:
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
 
 
+@dataclass(frozen=True)
+class InputFacts:
+    """What ``check_inputs`` brought to the host in its one transfer, for the rest of the forward."""
+
+    tiles_per_image: list[list[int]] | None  # [B][M] tiles of each image (thumbnail included)
+    all_real: bool  # no padding token in the batch
+
+
 @dataclass
 class CrossAttentionInputs:
     """What every cross-attention block of one forward reads: the image-side sequence (projected to
@@ -110,7 +118,11 @@ class NVLM(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # checks: every one runs before any kernel
 
-    def check_inputs(self, inputs, *, past_length: int = 0) -> None:
+    def check_inputs(self, inputs, *, past_length: int = 0) -> InputFacts:
+        """Checks ``inputs`` against the config and returns the host-side facts the forward needs
+        (tiles per image, whether any token is padding). Every value that lives on the device comes
+        to the host in ONE transfer (one device sync per forward, none per check); ``decode_step``
+        makes none."""
         cfg = self.config
         ids = inputs.input_ids
         if ids.dim() != 2:
@@ -120,14 +132,33 @@ class NVLM(nn.Module):
                 f"input_ids: sequence length {past_length + ids.shape[1]} exceeds the model's maximum "
                 f"{cfg.max_seq_len} (config.max_seq_len)"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.llm.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {cfg.llm.vocab_size}) (the vocabulary)")
         tiles = inputs.tiles_per_image
-        total = int(tiles.sum()) if tiles is not None else 0
+        mask = inputs.attention_mask
+        device = ids.device
+        scalars = [
+            ids.min() if ids.numel() else ids.new_zeros(()),
+            ids.max() if ids.numel() else ids.new_zeros(()),
+            inputs.image_token_mask.sum(),
+            mask.to(torch.bool).all() if mask is not None else ids.new_ones((), dtype=torch.bool),
+        ]
+        parts = [torch.stack([x.to(device=device, dtype=torch.long) for x in scalars])]
+        if tiles is not None:
+            parts.append(tiles.reshape(-1).to(device=device, dtype=torch.long))
+        host = torch.cat(parts).tolist()  # the one device -> host transfer
+        ids_min, ids_max, slots, all_real = host[:4]
+        tile_rows = None
+        if tiles is not None:
+            width = tiles.shape[1] if tiles.dim() == 2 else 0
+            flat = host[4:]
+            tile_rows = [flat[i : i + width] for i in range(0, len(flat), width)] if width else []
+        if ids.numel() and (ids_min < 0 or ids_max >= cfg.llm.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {cfg.llm.vocab_size}) (the vocabulary)")
+        counts = [n for row in tile_rows or [] for n in row]
+        total = sum(counts)
         pixels = inputs.pixel_values
-        if total and tiles.max() > cfg.max_tiles_per_image:
+        if total and max(counts) > cfg.max_tiles_per_image:
             raise ValueError(
-                f"tiles_per_image: an image has {int(tiles.max())} tiles, more than the config allows "
+                f"tiles_per_image: an image has {max(counts)} tiles, more than the config allows "
                 f"({cfg.tiling.max_tiles} + thumbnail = {cfg.max_tiles_per_image})"
             )
         if (pixels.shape[0] if pixels is not None else 0) != total:
@@ -139,62 +170,74 @@ class NVLM(nn.Module):
                 raise ValueError(
                     f"pixel_values must be [T, {cfg.vision.num_channels}, {size}, {size}], got {tuple(pixels.shape)}"
                 )
-        slots = int(inputs.image_token_mask.sum())
-        expected = {"D": total, "H": int((tiles > 0).sum()) if total else 0, "X": 0}[cfg.variant] * cfg.tokens_per_tile
+        present = sum(1 for n in counts if n > 0)
+        expected = {"D": total, "H": present if total else 0, "X": 0}[cfg.variant] * cfg.tokens_per_tile
         if slots != expected:
             raise ValueError(
                 f"image_token_mask marks {slots} image-token positions, but NVLM-{cfg.variant} needs {expected} "
                 f"for these images"
             )
+        return InputFacts(tile_rows, bool(all_real))
+
+    def _facts(self, inputs, facts: InputFacts | None) -> InputFacts:
+        return facts if facts is not None else self.check_inputs(inputs)
 
     # ----------------------------------------------------------------------------------------------
     # decoder inputs and cross-attention inputs
 
-    def _thumbnails(self, tiles_per_image: torch.Tensor) -> torch.Tensor:
-        """Index of each present image's last tile (its thumbnail) in the flat tile list."""
-        counts = tiles_per_image.reshape(-1)
-        counts = counts[counts > 0]
-        return torch.cumsum(counts, 0) - 1
+    @staticmethod
+    def _tile_index(facts: InputFacts, device: torch.device, *, thumbnails: bool) -> torch.Tensor:
+        """Indices in the flat tile list of each present image's last tile (its thumbnail), or of
+        every other tile, from the host's tile counts (boolean indexing would sync on a GPU)."""
+        index, position = [], 0
+        for n in (n for row in facts.tiles_per_image or [] for n in row):
+            if n > 0:
+                index += [position + n - 1] if thumbnails else list(range(position, position + n - 1))
+                position += n
+        return torch.tensor(index, dtype=torch.long, device=device)
 
-    def embed_inputs(self, inputs, image_features: torch.Tensor | None) -> torch.Tensor:
+    def embed_inputs(
+        self, inputs, image_features: torch.Tensor | None, facts: InputFacts | None = None
+    ) -> torch.Tensor:
         embeds = self.llm.embed(inputs.input_ids)
         if image_features is None or self.config.variant == "X":
             return embeds
         if self.config.variant == "H":
-            image_features = image_features[self._thumbnails(inputs.tiles_per_image)]
+            thumbnails = self._tile_index(self._facts(inputs, facts), image_features.device, thumbnails=True)
+            image_features = image_features[thumbnails]
         # in order: the D tiles (tile_1 .. thumbnail) of each image, or the H thumbnails
         flat = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(inputs.image_token_mask.unsqueeze(-1), flat)
 
-    def cross_attention_inputs(self, inputs, image_features: torch.Tensor | None) -> CrossAttentionInputs | None:
+    def cross_attention_inputs(
+        self, inputs, image_features: torch.Tensor | None, facts: InputFacts | None = None
+    ) -> CrossAttentionInputs | None:
         """The key/value-side sequence of each batch row and the text rows' ranges, or None when the
         batch has no image keys (then every block would add exactly zero, so they are skipped)."""
         cfg = self.config
         if cfg.variant == "D" or image_features is None:
             return None
-        tiles = inputs.tiles_per_image.to(torch.long)
+        rows = self._facts(inputs, facts).tiles_per_image or []
         per_tile = cfg.tokens_per_tile
         tag_len = 0
         if cfg.variant == "X":
-            kv_tiles = tiles
+            per_row_tiles = [sum(row) for row in rows]
             pieces = image_features  # [T, P, hidden]: every tile, thumbnail included
         else:  # H: the regular tiles, each after its tag's embeddings
-            regular = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
-            regular[self._thumbnails(tiles)] = False
-            kv_tiles = self._key_tiles(tiles)
-            if not int(kv_tiles.sum()):
+            per_row_tiles = [sum(n - 1 for n in row if n > 1) for row in rows]
+            if not sum(per_row_tiles):
                 return None
+            regular = self._tile_index(self._facts(inputs, facts), image_features.device, thumbnails=False)
             tag_ids = inputs.xattn_tag_ids
             tag_len = int(inputs.tag_tokens_per_tile)
             tag_embeds = self.llm.embed(tag_ids).to(image_features.dtype)  # [N_regular, tag_len, hidden]
             pieces = torch.cat([tag_embeds, image_features[regular]], dim=1)
-        per_row_tiles = kv_tiles.sum(1)
         keys_per_tile = per_tile + tag_len
-        batch, width = tiles.shape[0], int(per_row_tiles.max()) * keys_per_tile
+        batch, width = len(rows), max(per_row_tiles, default=0) * keys_per_tile
         image_embeds = pieces.new_zeros((batch, width, pieces.shape[-1]))
         flat = pieces.reshape(-1, keys_per_tile, pieces.shape[-1])
         start = 0
-        for b, n in enumerate(per_row_tiles.tolist()):  # one slice per batch row, not per token
+        for b, n in enumerate(per_row_tiles):  # one slice per batch row, not per token
             image_embeds[b, : n * keys_per_tile] = flat[start : start + n].reshape(-1, pieces.shape[-1])
             start += n
         kv_start, kv_end = self._cross_attention_ranges(inputs, inputs.input_ids.shape[1], inputs.tag_tiles)
@@ -262,23 +305,30 @@ class NVLM(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     def hidden_states(
-        self, inputs, *, cache: KVCache | None = None, cross_cache: CrossAttentionCache | None = None
+        self,
+        inputs,
+        *,
+        cache: KVCache | None = None,
+        cross_cache: CrossAttentionCache | None = None,
+        facts: InputFacts | None = None,
     ) -> torch.Tensor:
         """The decoder's final hidden states [B, S, H] for ``inputs`` (what ``forward`` turns into
         logits). With ``cache`` the new keys/values are appended to it; with ``cross_cache`` (a fresh
         one: this is a prefill) the cross-attention keys/values and the generated tokens' range are
-        stored in it for ``decode_step``."""
+        stored in it for ``decode_step``. ``facts``: what ``check_inputs`` returned for these inputs
+        (checked already: not again)."""
         past = cache.length if cache is not None else 0
-        self.check_inputs(inputs, past_length=past)
+        if facts is None:
+            facts = self.check_inputs(inputs, past_length=past)
         features = self.encode_images(inputs.pixel_values) if inputs.pixel_values is not None else None
-        embeds = self.embed_inputs(inputs, features)
-        cross = self.cross_attention_inputs(inputs, features)
+        embeds = self.embed_inputs(inputs, features, facts)
+        cross = self.cross_attention_inputs(inputs, features, facts)
         if cross_cache is not None and cross is not None:
             cross_cache.kv_start, cross_cache.kv_end = self.next_token_ranges(inputs)
         mask = inputs.attention_mask.to(torch.bool)
         positions = (torch.cumsum(mask.long(), 1) - 1).clamp(min=0) + past
         full_mask = None  # no padding: SDPA's own causal path, no mask tensor
-        if not bool(mask.all()):
+        if not facts.all_real:
             full_mask = torch.cat([mask.new_ones((mask.shape[0], past)), mask], 1) if past else mask
         return self.llm(
             embeds,

@@ -94,3 +94,46 @@ def require_backend(op: str, backend: str, device: str) -> None:
     reason = available_backends(op, device)[backend]
     if reason is not None:
         pytest.skip(f"{backend} backend unavailable for {op} on {device}: {reason}")
+
+
+class HostSyncCounter:
+    """Counts the calls that bring a device value to the host (``aten._local_scalar_dense``,
+    ``is_nonzero``, ``item``: ``int(t)``, ``bool(t)``, ``t.item()``; and ``nonzero``, whose output
+    size needs one) while it is active, including inside our own custom ops, whose implementation
+    a dispatch mode would otherwise not see. On a GPU each is a device sync and breaks CUDA-graph
+    capture; on a CPU the same code makes the same calls, which is how CPU tests check for them.
+
+        with HostSyncCounter() as syncs:
+            model.decode_step(...)
+        assert syncs.calls == []
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        watched = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
+        watched |= {aten.nonzero.default}
+        calls: list[str] = []
+        self.calls = calls
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in watched:
+                    calls.append(str(func))
+                if func.namespace == "nvlm_kernels":  # look inside: run its kernel with the mode on
+                    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                    key = torch._C.DispatchKey.CUDA if any(t.is_cuda for t in tensors) else torch._C.DispatchKey.CPU
+                    with self:
+                        return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> HostSyncCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

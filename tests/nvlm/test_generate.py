@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import nvlm_kernels as nk
 from nvlm import NVLMConfig, build_model
 from nvlm.generate import generate, left_padded, sample_next_token
 from nvlm.processor import NVLMProcessor
 from nvlm.tokenizer import ByteTokenizer
+from nvlm_kernels.testing import HostSyncCounter, require_backend
 
 NEW_TOKENS = 6
 CONVERSATIONS = [  # different lengths and 0, 1, 2 images: right padding in the middle of the batch
@@ -255,3 +257,76 @@ def test_prompt_plus_new_tokens_must_fit_max_seq_len(monkeypatch):
     monkeypatch.setattr(model.llm, "forward", no_kernel)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(inputs, max_new_tokens=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# host syncs: none per decoding step, one per prefill
+
+
+def _prefilled(model, extra: int = 2):
+    """A left-padded batch of 3 prompts after the prefill: (next tokens [3, 1], cache, cross cache,
+    the decoding mask for the next step)."""
+    from nvlm.model import CrossAttentionCache
+
+    prompts = left_padded(_batch(model))
+    width = prompts.input_ids.shape[1]
+    cache = model.llm.new_cache(3, width + extra)
+    cross_cache = CrossAttentionCache()
+    with torch.no_grad():
+        hidden = model.hidden_states(prompts, cache=cache, cross_cache=cross_cache)
+    token = model.llm.logits(hidden[:, -1:]).argmax(-1)
+    mask = torch.cat([prompts.attention_mask, torch.ones((3, 1), dtype=torch.bool)], 1)
+    return token, cache, cross_cache, mask
+
+
+@pytest.mark.parametrize("preset", ["tiny-x", "tiny-h"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_decode_step_makes_no_host_sync(preset, backend):
+    """A decoding step of batch 3 (left padding, per-row cross-attention ranges kept in the cache as
+    [B, 1] views) brings nothing from the device to the host: no int(), bool() or .item() of a
+    tensor, no nonzero, inside our ops included (nvlm_kernels.testing.HostSyncCounter). On a GPU
+    each would stall the CPU once per layer per token and break CUDA-graph capture."""
+    if backend != "auto":
+        require_backend("gated_cross_attention", backend, "cpu")
+    dtype = torch.float16 if backend == "triton" else torch.float32  # the kernels take fp16 / bf16
+    model = _model(preset).to(dtype)
+    ops = None if backend == "auto" else "gated_cross_attention"
+    with nk.use_backend(backend, ops=ops):
+        token, cache, cross_cache, mask = _prefilled(model)
+        assert cross_cache.kv, "the prefill kept no cross-attention keys: nothing would be tested"
+        with torch.no_grad(), HostSyncCounter() as syncs:
+            model.decode_step(token, cache, cross_cache, mask)
+    assert syncs.calls == [], f"decode_step synced with the device: {syncs.calls}"
+
+
+def test_host_sync_counter_sees_inside_our_ops(monkeypatch):
+    """The counter is only worth its zero if it would see a sync inside an op's implementation."""
+    from nvlm_kernels.cross_attention import reference
+
+    q = torch.randn(2, 1, 2, 8)
+    k = v = torch.randn(2, 4, 2, 8)
+    start = torch.zeros((2, 1), dtype=torch.int32)
+    end = torch.full((2, 1), 4, dtype=torch.int32)
+    counts = []
+    for inject in (False, True):
+        if inject:
+            real = reference.attention_fwd
+            monkeypatch.setattr(reference, "attention_fwd", lambda q, *a, f=real: (int(q.abs().sum() > 0), f(q, *a))[1])
+        with nk.use_backend("reference"), HostSyncCounter() as syncs:
+            nk.gated_cross_attention(q, k, v, start, end)
+        counts.append(len(syncs.calls))
+    assert counts[1] == counts[0] + 1
+
+
+@pytest.mark.parametrize("preset", ["tiny-d", "tiny-x", "tiny-h"])
+def test_forward_brings_device_values_to_the_host_once(preset, monkeypatch):
+    """check_inputs merges its checks into one transfer, and the rest of the forward reuses it."""
+
+    model = _model(preset)
+    inputs = _batch(model)
+    transfers = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.shape) or tolist(self))
+    with torch.no_grad(), HostSyncCounter() as syncs:
+        model(inputs)
+    assert syncs.calls == [] and len(transfers) == 1, (syncs.calls, transfers)
