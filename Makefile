@@ -1,6 +1,7 @@
 # nvlm-kernels: the single entry point for development, CI and benchmarks.
 #   make test        .venv (pinned CPU deps), build the extension, run the suite (Triton via its interpreter)
 #   make bench       the microbenchmark suite on whatever device is here; writes bench/results/local/
+#   make gpu-check-dry-run  bench/gpu_check.sh --dry-run: the GPU run's steps on this CPU, tiny shapes
 #   make cuda-check  .venv-cuda (torch 2.14.1 CUDA 13.0 + pip nvcc): real CUDA build for sm_80/sm_90a, no GPU needed
 #   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8
 #   make cmake-check CMakeLists.txt against the CPU torch: builds libnvlm_C and runs its C++ smoke test
@@ -17,7 +18,7 @@ export MAX_JOBS ?= 2
 PIP_INSTALL_EDITABLE := pip install -e . --no-build-isolation --no-deps -q
 PYTEST_ARGS ?=
 
-.PHONY: all venv venv-cuda build test bench bench-pytest cuda-check triton-aot cmake-check lint info clean
+.PHONY: all venv venv-cuda build test bench bench-pytest gpu-check-dry-run cuda-check triton-aot cmake-check lint info clean
 
 all: test
 
@@ -49,6 +50,10 @@ test: build
 
 bench: build
 	$(PY) bench/run_all.py
+
+# bench/gpu_check.sh on this CPU machine: every step at tiny shapes through the Triton interpreter.
+gpu-check-dry-run: build
+	PYTHON=$(CURDIR)/$(PY) bash bench/gpu_check.sh --dry-run --budget 240 build/gpu-check-dry-run
 
 bench-pytest: build
 	$(PY) -m pytest bench --benchmark-only -q

@@ -30,8 +30,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             dtype,
             lambda: dst.copy_(src),
             bytes_moved=2 * src.numel() * src.element_size(),
+            target="0",
         ),
-        Case("ceiling.gemm", "torch.mm", f"{gemm_n}^3", dtype, lambda: torch.mm(a, b), flops=2 * gemm_n**3),
+        Case("ceiling.gemm", "torch.mm", f"{gemm_n}^3", dtype, lambda: torch.mm(a, b), flops=2 * gemm_n**3, target="0"),
     ]
 
 

@@ -47,6 +47,7 @@ class Case:
     item_unit: str = "images/s"
     check: Callable[[], None] | None = None  # raises when the provider's result is wrong
     skip_reason: str | None = None
+    target: str = ""  # the targets.md row this case measures ("a".."f"; "0" for the ceilings), if any
 
     @property
     def name(self) -> str:
@@ -224,6 +225,17 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         peak_mib="" if math.isnan(peak_mib) else f"{peak_mib:.0f}",
     )
     return row
+
+
+def append_csv(row: dict[str, Any], path: str) -> None:
+    """Appends one row (writing the header first when the file is new): a run cut short keeps every
+    row it finished."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def write_csv(rows: list[dict[str, Any]], path: str) -> None:

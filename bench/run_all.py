@@ -1,12 +1,16 @@
 """Runs every benchmark on the device here and writes the results (``make bench``).
 
-    python bench/run_all.py [--out DIR] [--quick] [-k PATTERN]
+    python bench/run_all.py [--out DIR] [--quick] [-k PATTERN] [--targets] [--budget SECONDS]
     python bench/run_all.py --plot-only DIR/results.csv     # PNGs from a saved run (needs matplotlib)
 
 Runs the ceilings (copy bandwidth, GEMM) first, then each ``bench_<op>.py``; prints one table, and
 writes to DIR (default ``bench/results/local``): ``results.csv`` (one row per kernel, provider,
-shape and dtype; columns in common.ROW_FIELDS), ``summary.md`` (tables + targets) and
-``results.png`` (a panel per kernel). On a CPU it measures the CPU paths at small shapes.
+shape and dtype; columns in common.ROW_FIELDS; appended as each row finishes), ``summary.md``
+(tables + targets; rewritten after each module) and ``results.png`` (a panel per kernel). On a CPU
+it measures the CPU paths at small shapes.
+
+``--targets`` keeps the cases of targets.md's rows (a-f, ceilings first, in that order);
+``--budget`` starts no new case after that many seconds (what finished is written).
 """
 
 from __future__ import annotations
@@ -25,11 +29,34 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import ceilings  # noqa: E402
-from common import environment, format_table, markdown_table, measure, plot, read_csv, write_csv  # noqa: E402
+from common import append_csv, environment, format_table, markdown_table, measure, plot, read_csv  # noqa: E402
 
 
 def bench_modules() -> list:
     return [importlib.import_module(p.stem) for p in sorted(HERE.glob("bench_*.py"))]
+
+
+def write_summary(out: str, env: dict, sections: list, rows: list) -> list[str]:
+    """summary.md from the rows so far (tables per module, then every module's targets lines)."""
+    target_lines: list[str] = []
+    for module in bench_modules():
+        if hasattr(module, "targets"):
+            target_lines += module.targets(rows)
+    md = [
+        f"# Benchmarks on {env['device']}",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git_sha']}, {env['date']}.",
+        "Times: p50 (p20–p80) of one call; CUDA: triton.testing.do_bench with L2 flushed before each call; "
+        "CPU: wall clock. Throughput counts each input read once and each output written once. "
+        "% of floor: the targets.md roofline (H100: 3.35 TB/s, 989 TFLOP/s) over the measured time.",
+        "",
+    ]
+    for name, section_rows, baseline in sections:
+        if section_rows:
+            md += [f"## {name}", "", markdown_table(section_rows, baseline), ""]
+    md += ["## Targets", "", *[f"- {line}" for line in target_lines], ""]
+    pathlib.Path(out, "summary.md").write_text("\n".join(md))
+    return target_lines
 
 
 def main() -> int:
@@ -39,6 +66,8 @@ def main() -> int:
     parser.add_argument("-k", default="", help="only cases whose name contains this")
     parser.add_argument("--plot-only", metavar="CSV", help="only draw the PNGs of a saved results.csv")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--targets", action="store_true", help="only the cases of targets.md's rows, in row order")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; no new case starts after")
     args = parser.parse_args()
 
     if args.plot_only:
@@ -60,38 +89,34 @@ def main() -> int:
     for module in bench_modules():
         cases = [c for c in module.cases(device, args.quick) if args.k in c.name]
         planned.append((module.__name__, cases, getattr(module, "BASELINE", None)))
+    if args.targets:  # targets.md's rows in order (a, b, ...): the most valuable first
+        planned = [(name, [c for c in cases if c.target], baseline) for name, cases, baseline in planned]
+        planned.sort(key=lambda section: min((c.target for c in section[1]), default="~"))
+    csv_path = os.path.join(args.out, "results.csv")
+    if os.path.exists(csv_path):
+        os.remove(csv_path)
     progress = tqdm(total=sum(len(c) for _, c, _ in planned), unit="case", disable=args.quiet, mininterval=1.0)
     rows, sections = [], []
-    target_lines: list[str] = []
+    out_of_time = False
     for name, cases, baseline in planned:
         module_rows = []
         for case in cases:
+            if time.perf_counter() - start > args.budget:
+                out_of_time = True
+                break
             progress.set_postfix_str(f"{case.name} {case.provider}", refresh=False)
-            module_rows.append(measure(case, device, env))
+            row = measure(case, device, env)
+            module_rows.append(row)
+            append_csv(row, csv_path)
             progress.update()
         rows += module_rows
         sections.append((name, module_rows, baseline))
+        write_summary(args.out, env, sections, rows)
+        if out_of_time:
+            print(f"\nbudget of {args.budget:.0f} s spent: stopped before the rest of {name}", flush=True)
+            break
     progress.close()
-    for module in bench_modules():
-        if hasattr(module, "targets"):
-            target_lines += module.targets(rows)
-
-    csv_path = os.path.join(args.out, "results.csv")
-    write_csv(rows, csv_path)
-    md = [
-        f"# Benchmarks on {env['device']}",
-        "",
-        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git_sha']}, {env['date']}.",
-        "Times: p50 (p20–p80) of one call; CUDA: triton.testing.do_bench with L2 flushed before each call; "
-        "CPU: wall clock. Throughput counts each input read once and each output written once. "
-        "% of floor: the targets.md roofline (H100: 3.35 TB/s, 989 TFLOP/s) over the measured time.",
-        "",
-    ]
-    for name, section_rows, baseline in sections:
-        if section_rows:
-            md += [f"## {name}", "", markdown_table(section_rows, baseline), ""]
-    md += ["## Targets", "", *[f"- {line}" for line in target_lines], ""]
-    pathlib.Path(args.out, "summary.md").write_text("\n".join(md))
+    target_lines = write_summary(args.out, env, sections, rows)
     plots = plot(rows, args.out)
 
     for name, section_rows, baseline in sections:
