@@ -299,18 +299,32 @@ def candidates(op: str, device: torch.device, skip: tuple[str, ...] = ()) -> lis
 
 
 def measure_case(
-    case: TuneCase, device: torch.device, dtype: torch.dtype, log=print, skip: tuple[str, ...] = ()
+    case: TuneCase,
+    device: torch.device,
+    dtype: torch.dtype,
+    log=print,
+    skip: tuple[str, ...] = (),
+    deadline: float = math.inf,
 ) -> list[dict]:
-    """Entries (dicts in the table's format) for one case, one per pass that could be measured."""
+    """Entries (dicts in the table's format) for one case, one per pass that could be measured.
+    Past ``deadline`` (a ``time.perf_counter()`` value) nothing new starts, and a pass whose
+    backends were not all measured writes no entry (it could not name the fastest)."""
     timer = _timer(device)
     entries = []
     for pass_ in case.passes:
+        if time.perf_counter() > deadline:
+            break
         run, inputs = case.make(device, dtype)
         fn = _pass_fn(run, inputs, pass_)
         baseline: list[torch.Tensor] | None = None
         times: dict[str, float] = {}
         bucket = None
+        complete = True
         for backend in candidates(case.op, device, skip):
+            if time.perf_counter() > deadline:
+                complete = False
+                log(f"  {case.op} {case.label} {pass_}: out of time before {backend}; no entry")
+                break
             try:
                 with nk.use_backend(backend, ops=case.op), _backend.record_selections() as calls:
                     result = [r.detach().clone() if r is not None else None for r in fn()]
@@ -332,7 +346,7 @@ def measure_case(
                 continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        if not times or bucket is None:
+        if not times or bucket is None or not complete:
             continue
         best = min(times, key=times.get)
         log(
@@ -374,15 +388,16 @@ def tune(
     """Measures ``cases`` in each dtype and writes the table to ``out`` after every case; returns
     the entries. Stops starting new cases once ``budget_s`` seconds have passed."""
     start = time.perf_counter()
+    deadline = start + budget_s
     entries: list[dict] = []
     keys: dict[tuple, int] = {}
     for dtype in dtypes:
         for case in cases:
-            if time.perf_counter() - start > budget_s:
+            if time.perf_counter() > deadline:
                 log(f"budget of {budget_s:.0f} s spent: stopping before {case.op} {case.label}")
                 _dispatch.write(out, entries)
                 return entries
-            for entry in measure_case(case, device, dtype, log, skip):
+            for entry in measure_case(case, device, dtype, log, skip, deadline):
                 key = (entry["op"], entry["device"], entry["dtype"], entry["bucket"], entry["pass"])
                 if key in keys:  # two cases in one bucket: keep the later one
                     entries[keys[key]] = entry
