@@ -11,10 +11,27 @@ happen in the kernels' loads and no shuffled tensor is written. ``ln_weight=None
 LayerNorm, ``w2=None`` is the one-layer form (no activation: NVLM-X's single Linear), biases are
 optional. NVLM-D/H: LayerNorm(12800) -> 12800x29568 -> GELU -> 29568x8192, no biases (72B).
 
-Registered once as ``torch.ops.nvlm_kernels.mlp_projector`` (+ ``mlp_projector_bwd``) with fake
-kernels and autograd: differentiable in x, the LayerNorm parameters, the weights and the biases
-(dx only when x requires grad). Backends: ``triton`` (fp16, bf16) and ``reference`` (any float
-dtype).
+Backends (``nk.use_backend(name)`` / ``NVLM_KERNELS_BACKEND``; ``auto`` otherwise):
+
+* ``unfused`` — the peer: the projector as the best unfused implementation a user has (one
+  memory-bound gather + LayerNorm pass writing z [M, K], then cuBLAS GEMM1 + bias, GELU, cuBLAS
+  GEMM2 + bias; ``unfused.py``), with torch's own autograd around the GEMMs. Any float dtype, CPU
+  and CUDA. ``auto`` runs it wherever the dispatch table has no measurement for the call (today:
+  everywhere), so the op is never slower than what a user already had;
+* ``triton`` (float16, bfloat16) — ours: the shuffle and the LayerNorm in the first GEMM's loads,
+  GELU in its epilogue (``triton.py``);
+* ``reference`` (any float dtype) — plain PyTorch, the oracle (``reference.py``).
+
+The public function picks the backend once per call (``_backend.select`` with the shape bucket
+``M=..,K=..,N1=..,N2=..``: powers of two of the projector rows M = N · L_out, features, hidden and
+output sizes; ``N2=0`` for the one-layer form). The peer runs as plain differentiable PyTorch in
+the public function. Our kernels and the reference run through the registered
+``torch.ops.nvlm_kernels.mlp_projector`` (+ ``mlp_projector_bwd``) with fake kernels and autograd:
+differentiable in x, the LayerNorm parameters, the weights and the biases (dx only when x requires
+grad). Its trailing ``backend`` argument is the resolved backend ("auto" resolves inside the op);
+the backward runs on the forward's backend. The op also takes "unfused" (so ``torch.library.opcheck``
+tests the peer through it): the forward runs the peer without autograd, and its backward recomputes
+the peer's forward with autograd and differentiates it (a recompute the public function never does).
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ import math
 import torch
 
 from nvlm_kernels import _backend, _nvtx
+from nvlm_kernels.mlp_projector import unfused as _unfused
 from nvlm_kernels.pixel_shuffle import VERSIONS, _downscale_from
 
 OP = "mlp_projector"
@@ -32,7 +50,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 ACTIVATIONS = ("gelu", "gelu_tanh")
 PARAMETERS = ("x", "ln_weight", "ln_bias", "w1", "w2", "b1", "b2")
 
-_backend.register_op(OP, has_triton=True, cuda_op=None)
+PEER = "unfused"
+_backend.register_op(OP, has_triton=True, cuda_op=None, peers=(PEER,), default_peer={"cpu": PEER, "cuda": PEER})
 
 __all__ = ["mlp_projector"]
 
@@ -88,18 +107,52 @@ def _check_inputs(x, ln_weight, ln_bias, w1, w2, b1, b2, downscale: int, cls: in
 
 def _kernel_reason(x: torch.Tensor) -> str | None:
     if x.dtype not in KERNEL_DTYPES:
-        return f"its kernels take float16 or bfloat16, not {x.dtype} (the reference takes any float dtype)"
+        return f"its kernels take float16 or bfloat16, not {x.dtype} (unfused and reference take any float dtype)"
     return None
 
 
-def _impl(x: torch.Tensor):
-    backend = _backend.resolve_supported(OP, x.device, {"triton": _kernel_reason(x)})
-    return _backend.implementation(__name__, "triton" if backend == "triton" else "reference")
+def _bucket(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, downscale: int, cls: int) -> str:
+    """The dispatch table's shape bucket: powers of two of M (projector rows), K, N1 and N2 (0 for
+    the one-layer form). Comparisons only (``pow2_bucket``): no exact-size guards under compile."""
+    pow2 = _backend.pow2_bucket
+    m = x.shape[0] * ((x.shape[1] - cls) // (downscale * downscale))
+    n2 = pow2(w2.shape[0]) if w2 is not None else 0
+    return f"M={pow2(m)},K={pow2(w1.shape[1])},N1={pow2(w1.shape[0])},N2={n2}"
 
 
-def _forward(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save):
+def _select(x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
+    """The backend that runs this call: the request (raising if it cannot run it) or auto's choice."""
+    reason = _kernel_reason(x)
+    unsupported = (("triton", reason),) if reason else ()
+    return _backend.select(OP, x.device, x.dtype, _bucket(x, w1, w2, downscale, cls), grad, unsupported)
+
+
+def _resolve(backend: str, x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
+    """Inside the op: "auto" -> auto's choice; a named backend is checked (the public function
+    passes one it has already checked; a direct ``torch.ops`` call may pass anything)."""
+    if backend == "auto":
+        return _select(x, w1, w2, downscale, cls, grad)
+    if backend not in _backend.backends_of(OP):
+        raise _backend.BackendUnavailableError(
+            f"nvlm_kernels.{OP}: unknown backend {backend!r} (its backends: {', '.join(_backend.backends_of(OP))})"
+        )
+    reason = _backend.why_unavailable(OP, backend, x.device) or (_kernel_reason(x) if backend == "triton" else None)
+    if reason is not None:
+        raise _backend.BackendUnavailableError(
+            f"nvlm_kernels.{OP}: the {backend} backend cannot run this call on {x.device.type} tensors: {reason}"
+        )
+    return backend
+
+
+def _impl(backend: str):
+    return _backend.implementation(__name__, backend)
+
+
+def _forward(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save, backend):
     with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
-        return _impl(x).projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save)
+        return _impl(backend).projector_fwd(
+            x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save
+        )
 
 
 def _out_shape(x, w1, w2, downscale: int, cls: int) -> tuple[int, int, int]:
@@ -122,14 +175,17 @@ def mlp_projector_op(
     v2: bool,
     cls: int,
     save_for_backward: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, row mean, row 1/std, pre-activation) — the last three empty when not kept."""
     _check_inputs(x, ln_weight, ln_bias, w1, w2, b1, b2, downscale, cls)
-    return _forward(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save_for_backward)
+    backend = _resolve(backend, x, w1, w2, downscale, cls, save_for_backward)
+    args = (x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save_for_backward)
+    return _forward(*args, backend)
 
 
 @mlp_projector_op.register_fake
-def _(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save_for_backward):
+def _(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, save_for_backward, backend):
     _check_inputs(x, ln_weight, ln_bias, w1, w2, b1, b2, downscale, cls)
     n, l_out, out_features = _out_shape(x, w1, w2, downscale, cls)
     rows = n * l_out if ln_weight is not None else 0
@@ -157,24 +213,28 @@ def mlp_projector_bwd_op(
     v2: bool,
     cls: int,
     needs: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dln_weight, dln_bias, dw1, dw2, db1, db2); bit i of ``needs`` asks for gradient i,
-    the others come back empty."""
+    the others come back empty. ``backend``: the one the forward ran on ("unfused": recomputes the
+    peer's forward with autograd)."""
     wanted = tuple(bool(needs >> i & 1) for i in range(7))
+    backend = _resolve(backend, x, w1, w2, downscale, cls, True)
     grads = _backward_grads(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation,
-                            downscale, v2, cls, wanted)  # fmt: skip
+                            downscale, v2, cls, wanted, backend)  # fmt: skip
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 def _backward_grads(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation,
-                    downscale, v2, cls, wanted):  # fmt: skip
+                    downscale, v2, cls, wanted, backend):  # fmt: skip
     with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
-        return _impl(x).projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps,
-                                      activation, downscale, v2, cls, wanted)  # fmt: skip
+        return _impl(backend).projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps,
+                                            activation, downscale, v2, cls, wanted)  # fmt: skip
 
 
 @mlp_projector_bwd_op.register_fake
-def _(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation, downscale, v2, cls, needs):
+def _(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation, downscale, v2, cls, needs,
+      backend):  # fmt: skip
     inputs = (x, ln_weight, ln_bias, w1, w2, b1, b2)
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -184,16 +244,20 @@ def _(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, act
     )
 
 
-def _save(ctx, args, mean, rstd, pre) -> None:
-    """What both autograd paths keep: the 7 tensor inputs + the forward's statistics, the 5 options."""
+def _save(ctx, args, mean, rstd, pre, backend: str) -> None:
+    """What both autograd paths keep: the 7 tensor inputs + the forward's statistics, the 5 options,
+    and the backend the forward ran on (the backward runs there too, wherever it is called)."""
     ctx.save_for_backward(*args[:7], mean, rstd, pre)
     ctx.meta = tuple(args[7:12])
-    _backend.remember_backend(ctx, OP)
+    ctx.backend = backend
 
 
 def _setup(ctx, inputs, output) -> None:
     _out, mean, rstd, pre = output
-    _save(ctx, inputs, mean, rstd, pre)
+    x, w1, w2, downscale, cls = inputs[0], inputs[3], inputs[4], inputs[9], inputs[11]
+    save, backend = inputs[12], inputs[13]
+    # "auto" resolves to what the forward chose (the same call of the same cached selection)
+    _save(ctx, inputs, mean, rstd, pre, _resolve(backend, x, w1, w2, downscale, cls, save))
     ctx.mark_non_differentiable(mean, rstd, pre)
 
 
@@ -201,9 +265,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre):
     saved = ctx.saved_tensors
     wanted = ctx.needs_input_grad[:7]
     needs = sum(1 << i for i, w in enumerate(wanted) if w)
-    with _backend.backward_backend(ctx, OP):
-        grads = mlp_projector_bwd_op(grad_out.contiguous(), *saved, *ctx.meta, needs)
-    return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), None, None, None, None, None, None)
+    grads = mlp_projector_bwd_op(grad_out.contiguous(), *saved, *ctx.meta, needs, ctx.backend)
+    return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), *([None] * 7))
 
 
 mlp_projector_op.register_autograd(_backward, setup_context=_setup)
@@ -215,18 +278,17 @@ class _EagerProjector(torch.autograd.Function):
     opcheck go through the registered op."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls):
+    def forward(ctx, x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls, backend):
         args = (x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, downscale, v2, cls)
-        out, mean, rstd, pre = _forward(*args, True)
-        _save(ctx, args, mean, rstd, pre)
+        out, mean, rstd, pre = _forward(*args, True, backend)
+        _save(ctx, args, mean, rstd, pre, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         wanted = ctx.needs_input_grad[:7]
-        with _backend.backward_backend(ctx, OP):
-            grads = _backward_grads(grad_out.contiguous(), *ctx.saved_tensors, *ctx.meta, wanted)
-        return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), None, None, None, None, None)
+        grads = _backward_grads(grad_out.contiguous(), *ctx.saved_tensors, *ctx.meta, wanted, ctx.backend)
+        return (*(g if w else None for g, w in zip(grads, wanted, strict=True)), *([None] * 6))
 
 
 def mlp_projector(
@@ -275,7 +337,11 @@ def mlp_projector(
     _check_inputs(x, ln_weight, ln_bias, w1, w2, b1, b2, downscale, cls)
     tensors = tuple(t for t in (x, ln_weight, ln_bias, w1, w2, b1, b2) if t is not None)
     args = (x, ln_weight, ln_bias, w1, w2, b1, b2, float(eps), activation, downscale, version == "v2", cls)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    backend = _select(x, w1, w2, downscale, cls, grad)
+    if backend == PEER:
+        with _nvtx.range(f"nvlm.kernels.{OP}.{PEER}"):
+            return _unfused.projector(*args)
     if _backend.eager_autograd_path(*tensors):
-        return _EagerProjector.apply(*args) if save else _forward(*args, False)[0]
-    return mlp_projector_op(*args, save)[0]
+        return _EagerProjector.apply(*args, backend) if grad else _forward(*args, False, backend)[0]
+    return mlp_projector_op(*args, grad, backend)[0]

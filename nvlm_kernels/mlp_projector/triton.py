@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from nvlm_kernels._backend import triton_interpreter_enabled
+from nvlm_kernels._device import check_grid, device_guard
 
 _INTERPRET = triton_interpreter_enabled()
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -153,6 +154,65 @@ def _ln_stats_kernel(
         squares += tl.sum(centred * centred, axis=1)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, 1.0 / tl.sqrt(squares / K + eps), mask=row_ok)
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X, Gamma, Beta, Z, Mean, Rstd,
+    M, K, L_out, side_out, side, C, cls, eps,
+    stride_xn, stride_xl, stride_xc,
+    HAS_BETA: tl.constexpr, R: tl.constexpr, V2: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The unfused backend's memory-bound step: Z [M, K] = LayerNorm(gathered x) in x's dtype, with
+    each row's mean and 1/std (float32), in one launch. ``ONE_TILE`` (BLOCK_K >= K): the rows stay in
+    registers, x is read once; otherwise three passes over each row (the 2nd and 3rd from L2)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    base = _row_base(tl.where(row_ok, rows, 0), L_out, side_out, side, cls, stride_xn, stride_xl, R, V2)
+    z_rows = rows.to(tl.int64)[:, None] * K
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / K
+        centred = tl.where(mask, x - mean[:, None], 0.0)  # centred second moment: no cancellation
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
+        z = centred * rstd[:, None] * tl.load(Gamma + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BETA:
+            z += tl.load(Beta + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Z + z_rows + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
+    else:
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (cols < K)[None, :]
+            offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+            total += tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
+        mean = total / K
+        squares = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (cols < K)[None, :]
+            offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+            centred = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+            squares += tl.sum(centred * centred, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+            gamma = tl.load(Gamma + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            z = (x - mean[:, None]) * rstd[:, None] * gamma[None, :]
+            if HAS_BETA:
+                z += tl.load(Beta + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Z + z_rows + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
@@ -335,8 +395,74 @@ def _geometry(x: torch.Tensor, r: int, cls: int) -> dict:
     return {"L_out": l_out, "side_out": side_out, "side": side, "C": channels, "cls": cls, "M": n * l_out}
 
 
+def _geo_args(geo: dict) -> tuple:
+    return geo["L_out"], geo["side_out"], geo["side"], geo["C"], geo["cls"]
+
+
 def _x_args(x: torch.Tensor) -> tuple:
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_stride(*vectors):
+    """γ, β and the biases as the kernels read them (element k at offset k): a strided view (e.g. a
+    parameter sliced out of a bigger buffer) is copied once here; a contiguous one is used as it is."""
+    return tuple(v.contiguous() if v is not None else None for v in vectors)
+
+
+# Grids. Every launcher takes its grid from these functions, so that a host test can check them
+# against CUDA's limits at the largest shapes (``launch_grids``). Rows always go on axis 0 (limit
+# 2^31 - 1); only the elementwise LayerNorm kernels use axis 1, for the feature blocks (K / 256).
+
+
+def _rows_grid(m: int) -> tuple[int]:
+    return (triton.cdiv(m, _ROW_BLOCK),)
+
+
+def _gemm_grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int]:
+    return (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+
+
+def _tile_grid(m: int, k: int, tile: tuple[int, int]) -> tuple[int, int]:
+    return check_grid((triton.cdiv(m, tile[0]), triton.cdiv(k, tile[1])))
+
+
+_ACT_BLOCK = 4096 if _INTERPRET else 1024
+_LN_ONE_TILE_MAX = 16384  # features a program keeps in registers (NVLM's K = 12800: 16384 wide, 16 warps)
+_LN_LOOP_BLOCK = 4096  # features per step over wider rows
+
+
+def _act_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, _ACT_BLOCK),)
+
+
+def _ln_fwd_config(k: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_R, BLOCK_K, ONE_TILE, num_warps) of ``_ln_fwd_kernel`` for K features: whole rows in
+    registers up to 16384 features, several rows per program when they are short (about 8192
+    elements per program; 64 rows through the interpreter, which pays per program)."""
+    width = triton.next_power_of_2(k)
+    if width > _LN_ONE_TILE_MAX:
+        return (16 if _INTERPRET else 1), _LN_LOOP_BLOCK, False, 8
+    rows = max(1, min(64 if _INTERPRET else 16, 8192 // width))
+    return rows, width, True, max(4, min(16, rows * width // 1024))
+
+
+def _ln_fwd_grid(m: int, k: int) -> tuple[int]:
+    return (triton.cdiv(m, _ln_fwd_config(k)[0]),)
+
+
+def launch_grids(m: int, k: int, n1: int) -> dict[str, tuple[int, ...]]:
+    """The grid of every launch for M projector rows, K features and N1 hidden units (the GEMM at
+    its smallest tile, i.e. its largest grid)."""
+    block_m, block_n = min((c[0] * c[1], c[0], c[1]) for e in GEMM_TABLE.values() for c in e)[1:]
+    return {
+        "ln_stats": _rows_grid(m),
+        "ln_linear": _gemm_grid(m, n1, block_m, block_n),
+        "act_bwd": _act_grid(m * n1),
+        "ln_apply": _tile_grid(m, k, _TILE),
+        "ln_bwd_rowsum": _rows_grid(m),
+        "ln_bwd": _tile_grid(m, k, _TILE_BWD),
+        "ln_fwd": _ln_fwd_grid(m, k),
+    }
 
 
 def _ln_stats(x, geo, k, eps, r, v2):
@@ -345,9 +471,8 @@ def _ln_stats(x, geo, k, eps, r, v2):
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m:
         block_k = min(triton.next_power_of_2(k), 4096 if _INTERPRET else 1024)
-        _ln_stats_kernel[(triton.cdiv(m, _ROW_BLOCK),)](
-            x, mean, rstd,
-            m, k, geo["L_out"], geo["side_out"], geo["side"], geo["C"], geo["cls"], eps, *_x_args(x),
+        _ln_stats_kernel[_rows_grid(m)](
+            x, mean, rstd, m, k, *_geo_args(geo), eps, *_x_args(x),
             R=r, V2=v2, BLOCK_R=_ROW_BLOCK, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
     return mean, rstd
@@ -355,111 +480,153 @@ def _ln_stats(x, geo, k, eps, r, v2):
 
 def projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, r, v2, cls, save_for_backward):
     """(out [N, L_out, N_out], mean [M] or empty, rstd [M] or empty, pre-activation [M, N1] or empty)."""
-    geo = _geometry(x, r, cls)
-    m = geo["M"]
-    k = w1.shape[1]
-    n1 = w1.shape[0]
-    empty = x.new_empty(0)
-    has_ln = ln_weight is not None
-    if has_ln:
-        mean, rstd = _ln_stats(x, geo, k, eps, r, v2)
-    else:  # distinct placeholders: a custom op's outputs must not alias each other
-        mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    two_layer = w2 is not None
-    act = ACTIVATIONS[activation] if two_layer else 0
-    pre = x.new_empty((m, n1)) if (two_layer and save_for_backward) else x.new_empty(0)
-    hidden = x.new_empty((m, n1))
-    if m:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n1, meta["BLOCK_N"]),)  # noqa: E731
-        _ln_linear_kernel[grid](
-            x, w1, b1 if b1 is not None else empty, mean, rstd,
-            ln_weight if has_ln else empty, ln_bias if ln_bias is not None else empty, pre, hidden,
-            m, n1, k, triton.next_power_of_2(max(m, 16)), geo["L_out"], geo["side_out"], geo["side"], geo["C"],
-            geo["cls"], *_x_args(x), w1.stride(0), w1.stride(1),
-            HAS_LN=has_ln, HAS_BETA=ln_bias is not None, HAS_BIAS=b1 is not None, ACT=act,
-            WRITE_PRE=pre.numel() > 0, R=r, V2=v2, GROUP=GROUP_M,
-        )  # fmt: skip
-    out = F.linear(hidden, w2, b2) if two_layer else hidden
-    return out.view(x.shape[0], geo["L_out"], out.shape[-1]), mean, rstd, pre
+    with device_guard(x):
+        ln_weight, ln_bias, b1 = _unit_stride(ln_weight, ln_bias, b1)
+        geo = _geometry(x, r, cls)
+        m = geo["M"]
+        k = w1.shape[1]
+        n1 = w1.shape[0]
+        empty = x.new_empty(0)
+        has_ln = ln_weight is not None
+        if has_ln:
+            mean, rstd = _ln_stats(x, geo, k, eps, r, v2)
+        else:  # distinct placeholders: a custom op's outputs must not alias each other
+            mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+        two_layer = w2 is not None
+        act = ACTIVATIONS[activation] if two_layer else 0
+        pre = x.new_empty((m, n1)) if (two_layer and save_for_backward) else x.new_empty(0)
+        hidden = x.new_empty((m, n1))
+        if m:
+            grid = lambda meta: _gemm_grid(m, n1, meta["BLOCK_M"], meta["BLOCK_N"])  # noqa: E731
+            _ln_linear_kernel[grid](
+                x, w1, b1 if b1 is not None else empty, mean, rstd,
+                ln_weight if has_ln else empty, ln_bias if ln_bias is not None else empty, pre, hidden,
+                m, n1, k, triton.next_power_of_2(max(m, 16)), *_geo_args(geo), *_x_args(x), w1.stride(0), w1.stride(1),
+                HAS_LN=has_ln, HAS_BETA=ln_bias is not None, HAS_BIAS=b1 is not None, ACT=act,
+                WRITE_PRE=pre.numel() > 0, R=r, V2=v2, GROUP=GROUP_M,
+            )  # fmt: skip
+        out = F.linear(hidden, w2, b2) if two_layer else hidden
+        return out.view(x.shape[0], geo["L_out"], out.shape[-1]), mean, rstd, pre
 
 
 def _ln_apply(x, geo, ln_weight, ln_bias, mean, rstd, k, r, v2):
     m = geo["M"]
     z = x.new_empty((m, k))
     if m:
-        block_r, block_k = _TILE
         empty = x.new_empty(0)
-        _ln_apply_kernel[(triton.cdiv(m, block_r), triton.cdiv(k, block_k))](
+        _ln_apply_kernel[_tile_grid(m, k, _TILE)](
             x, mean, rstd, ln_weight if ln_weight is not None else empty, ln_bias if ln_bias is not None else empty,
-            z, m, k, geo["L_out"], geo["side_out"], geo["side"], geo["C"], geo["cls"], *_x_args(x),
+            z, m, k, *_geo_args(geo), *_x_args(x),
             HAS_LN=ln_weight is not None, HAS_BETA=ln_bias is not None, R=r, V2=v2,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+            BLOCK_R=_TILE[0], BLOCK_K=_TILE[1], num_warps=4,
         )  # fmt: skip
     return z
+
+
+def _gather_ln_bwd(dz, x, geo, ln_weight, has_beta, mean, rstd, r, v2, need_x, need_g, need_b):
+    """dx (scattered back through the shuffle; CLS rows get zeros), dγ, dβ from dz [M, K] (contiguous)
+    = the gradient of the gathered LayerNorm output (or of the gathered rows, without LayerNorm)."""
+    m, k = dz.shape
+    dx = dgamma = dbeta = None
+    has_ln = ln_weight is not None
+    partials = has_ln and (need_g or need_b)
+    if not (need_x or partials):
+        return dx, dgamma, dbeta
+    grid = _tile_grid(m, k, _TILE_BWD)
+    empty = x.new_empty(0)
+    s1 = s2 = empty.float()
+    if need_x and has_ln and m:
+        s1 = torch.empty(m, device=x.device, dtype=torch.float32)
+        s2 = torch.empty_like(s1)
+        _ln_bwd_rowsum_kernel[_rows_grid(m)](
+            x, mean, rstd, ln_weight, dz, s1, s2, m, k, *_geo_args(geo), *_x_args(x),
+            R=r, V2=v2, BLOCK_R=_ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(k), 1024), num_warps=4,
+        )  # fmt: skip
+    # Rows a shuffle never reads (CLS) get zeros; every other element is written exactly once.
+    if need_x:
+        dx = (torch.zeros_like if geo["cls"] else torch.empty_like)(x, memory_format=torch.contiguous_format)
+    part_g = torch.empty((grid[0], k), device=x.device, dtype=torch.float32) if partials else empty.float()
+    part_b = torch.empty_like(part_g) if partials else empty.float()
+    if m:
+        _ln_bwd_kernel[grid](
+            x, mean, rstd, ln_weight if has_ln else empty, dz, s1, s2, dx if need_x else empty, part_g, part_b,
+            m, k, *_geo_args(geo), *_x_args(x), *(dx.stride() if need_x else (0, 0, 0)),
+            HAS_LN=has_ln, WRITE_DX=need_x, PARTIALS=partials, R=r, V2=v2,
+            BLOCK_R=_TILE_BWD[0], BLOCK_K=_TILE_BWD[1], num_warps=4,
+        )  # fmt: skip
+    if partials:
+        dgamma = part_g.sum(0).to(ln_weight.dtype) if need_g else None
+        dbeta = part_b.sum(0).to(ln_weight.dtype) if (need_b and has_beta) else None
+    return dx, dgamma, dbeta
 
 
 def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation, r, v2, cls, needs):
     """Gradients (dx, dγ, dβ, dW1, dW2, db1, db2); ``needs`` says which are wanted (others: None)."""
     need_x, need_g, need_b, need_w1, need_w2, need_b1, need_b2 = needs
-    geo = _geometry(x, r, cls)
-    m, k = geo["M"], w1.shape[1]
-    dy = grad_out.reshape(m, grad_out.shape[-1]).to(x.dtype)
-    dw2 = db2 = None
-    if w2 is not None:
-        dh = dy @ w2  # [M, N1]: dA, turned into dH in place below
-        a = torch.empty_like(dh) if need_w2 else dh.new_empty(0)
-        if dh.numel():
-            block = 4096 if _INTERPRET else 1024
-            _act_bwd_kernel[(triton.cdiv(dh.numel(), block),)](
-                pre, dh, a, dh.numel(), ACT=ACTIVATIONS[activation], WRITE_A=need_w2, BLOCK=block, num_warps=4
+    with device_guard(x):
+        ln_weight, ln_bias = _unit_stride(ln_weight, ln_bias)
+        geo = _geometry(x, r, cls)
+        m, k = geo["M"], w1.shape[1]
+        dy = grad_out.reshape(m, grad_out.shape[-1]).to(x.dtype)
+        dw2 = db2 = None
+        if w2 is not None:
+            dh = dy @ w2  # [M, N1]: dA, turned into dH in place below
+            a = torch.empty_like(dh) if need_w2 else dh.new_empty(0)
+            if dh.numel():
+                _act_bwd_kernel[_act_grid(dh.numel())](
+                    pre, dh, a, dh.numel(), ACT=ACTIVATIONS[activation], WRITE_A=need_w2, BLOCK=_ACT_BLOCK,
+                    num_warps=4,
+                )  # fmt: skip
+            if need_w2:
+                dw2 = dy.t() @ a
+            del a
+            if need_b2:
+                db2 = dy.sum(0, dtype=torch.float32).to(x.dtype)
+        else:
+            dh = dy
+        db1 = dh.sum(0, dtype=torch.float32).to(x.dtype) if need_b1 else None
+        dw1 = None
+        if need_w1:
+            dw1 = dh.t() @ _ln_apply(x, geo, ln_weight, ln_bias, mean, rstd, k, r, v2)
+        dx = dgamma = dbeta = None
+        if need_x or (ln_weight is not None and (need_g or need_b)):
+            dx, dgamma, dbeta = _gather_ln_bwd(
+                dh @ w1, x, geo, ln_weight, ln_bias is not None, mean, rstd, r, v2, need_x, need_g, need_b
             )
-        if need_w2:
-            dw2 = dy.t() @ a
-        del a
-        if need_b2:
-            db2 = dy.sum(0, dtype=torch.float32).to(x.dtype)
-    else:
-        dh = dy
-    db1 = dh.sum(0, dtype=torch.float32).to(x.dtype) if need_b1 else None
-    dw1 = None
-    if need_w1:
-        dw1 = dh.t() @ _ln_apply(x, geo, ln_weight, ln_bias, mean, rstd, k, r, v2)
-    dx = dgamma = dbeta = None
-    has_ln = ln_weight is not None
-    partials = has_ln and (need_g or need_b)
-    if need_x or partials:
-        dz = dh @ w1  # [M, K]
-        block_r, block_k = _TILE_BWD
-        grid = (triton.cdiv(m, block_r), triton.cdiv(k, block_k))
-        empty = x.new_empty(0)
-        s1 = s2 = empty.float()
-        if need_x and has_ln and m:
-            s1 = torch.empty(m, device=x.device, dtype=torch.float32)
-            s2 = torch.empty_like(s1)
-            _ln_bwd_rowsum_kernel[(triton.cdiv(m, _ROW_BLOCK),)](
-                x, mean, rstd, ln_weight, dz, s1, s2,
-                m, k, geo["L_out"], geo["side_out"], geo["side"], geo["C"], geo["cls"], *_x_args(x),
-                R=r, V2=v2, BLOCK_R=_ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(k), 1024), num_warps=4,
-            )  # fmt: skip
-        # Rows a shuffle never reads (CLS) get zeros; every other element is written exactly once.
-        dx = (torch.zeros_like(x, memory_format=torch.contiguous_format) if cls else
-              torch.empty_like(x, memory_format=torch.contiguous_format)) if need_x else empty  # fmt: skip
-        part_g = torch.empty((grid[0], k), device=x.device, dtype=torch.float32) if partials else empty.float()
-        part_b = torch.empty_like(part_g) if partials else empty.float()
+        return dx, dgamma, dbeta, dw1, dw2, db1, db2
+
+
+# --------------------------------------------------------------------------------------------------
+# the unfused backend's gather + LayerNorm step (nvlm_kernels/mlp_projector/unfused.py)
+
+
+def gather_layer_norm(x, ln_weight, ln_bias, eps, r, v2, cls):
+    """(z [M, K] = LayerNorm(drop CLS, pixel-shuffle x) in x's dtype, mean [M], rstd [M] float32):
+    one launch of ``_ln_fwd_kernel``."""
+    with device_guard(x):
+        ln_weight, ln_bias = _unit_stride(ln_weight, ln_bias)
+        geo = _geometry(x, r, cls)
+        m, k = geo["M"], geo["C"] * r * r
+        z = x.new_empty((m, k))
+        mean = torch.empty(m, device=x.device, dtype=torch.float32)
+        rstd = torch.empty(m, device=x.device, dtype=torch.float32)
         if m:
-            _ln_bwd_kernel[grid](
-                x, mean, rstd, ln_weight if has_ln else empty, dz, s1, s2, dx, part_g, part_b,
-                m, k, geo["L_out"], geo["side_out"], geo["side"], geo["C"], geo["cls"], *_x_args(x),
-                *(dx.stride() if need_x else (0, 0, 0)),
-                HAS_LN=has_ln, WRITE_DX=need_x, PARTIALS=partials, R=r, V2=v2,
-                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+            block_r, block_k, one_tile, warps = _ln_fwd_config(k)
+            _ln_fwd_kernel[_ln_fwd_grid(m, k)](
+                x, ln_weight, ln_bias if ln_bias is not None else x.new_empty(0), z, mean, rstd,
+                m, k, *_geo_args(geo), eps, *_x_args(x),
+                HAS_BETA=ln_bias is not None, R=r, V2=v2, ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_K=block_k,
+                num_warps=warps,
             )  # fmt: skip
-        if not need_x:
-            dx = None
-        if partials:
-            dgamma = part_g.sum(0).to(ln_weight.dtype) if need_g else None
-            dbeta = part_b.sum(0).to(ln_weight.dtype) if (need_b and ln_bias is not None) else None
-    return dx, dgamma, dbeta, dw1, dw2, db1, db2
+        return z, mean, rstd
+
+
+def gather_layer_norm_bwd(dz, x, ln_weight, ln_bias, mean, rstd, r, v2, cls, needs):
+    """(dx, dγ, dβ) of ``gather_layer_norm`` from dz [M, K]; ``needs`` = (dx?, dγ?, dβ?)."""
+    with device_guard(x):
+        (ln_weight,) = _unit_stride(ln_weight)
+        geo = _geometry(x, r, cls)
+        return _gather_ln_bwd(dz.contiguous(), x, geo, ln_weight, ln_bias is not None, mean, rstd, r, v2, *needs)
 
 
 # --------------------------------------------------------------------------------------------------
