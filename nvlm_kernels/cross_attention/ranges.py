@@ -16,14 +16,40 @@ tile's image keys). A text row sees, by policy:
 * ``"flamingo"``: the most recent image only (``attend_all_previous``: every image so far).
 
 Everything is computed with tensor operations on the inputs' device, without a Python loop over
-tokens.
+tokens. The ranges it returns are well formed by construction (0 <= start <= end) and are marked
+as such: ``gated_cross_attention`` skips its host check of their values (a device sync) for them,
+as long as they are not modified in place (``is_trusted``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 POLICIES = ("nvlm-x", "nvlm-h", "mllama", "flamingo")
+
+
+# Range tensors known to be well formed -> their version counter when that was established (None for
+# inference tensors, which have no version counter). Weak: an entry goes with its tensor.
+_TRUSTED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def mark_trusted(*tensors: torch.Tensor) -> None:
+    """Note that these range tensors are well formed now (an in-place change withdraws it)."""
+    if torch.compiler.is_compiling():  # a trace has no tensors to remember; eager calls check again
+        return
+    for t in tensors:
+        _TRUSTED[t] = _version(t)
+
+
+def is_trusted(t: torch.Tensor) -> bool:
+    """True for a tensor passed to ``mark_trusted`` and not modified in place since (inference tensors
+    have no version counter: they stay trusted)."""
+    return t in _TRUSTED and _TRUSTED[t] == _version(t)
 
 
 def _as_long(t, name: str, dims: int) -> torch.Tensor:
@@ -129,9 +155,10 @@ def cross_attention_ranges(
         start = torch.where(is_tag, tags * per_tile, start)
         end = torch.where(is_tag, (tags + 1) * per_tile, end)
         seen = seen | is_tag
-    start = torch.where(seen, start, 0)
-    end = torch.where(seen, end, 0)
-    return start.to(torch.int32), end.to(torch.int32)
+    start = torch.where(seen, start, 0).to(torch.int32)
+    end = torch.where(seen, end, 0).to(torch.int32)
+    mark_trusted(start, end)
+    return start, end
 
 
 def ranges_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +173,9 @@ def ranges_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     skv = mask.shape[-1]
     if skv == 0:
         zeros = torch.zeros(mask.shape[:2], dtype=torch.int32, device=mask.device)
-        return zeros, zeros.clone()
+        ends = zeros.clone()
+        mark_trusted(zeros, ends)
+        return zeros, ends
     any_key = mask.any(-1)
     first = mask.int().argmax(-1)
     last = skv - 1 - mask.flip(-1).int().argmax(-1)
@@ -157,4 +186,5 @@ def ranges_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"mask row [{b}, {i}] is not one contiguous range of keys")
     start = torch.where(any_key, first, 0).to(torch.int32)
     end = torch.where(any_key, last + 1, 0).to(torch.int32)
+    mark_trusted(start, end)
     return start, end

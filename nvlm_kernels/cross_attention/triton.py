@@ -1,7 +1,9 @@
 """Triton kernels for gated cross-attention over per-query key ranges (FlashAttention-2 style).
 
 Query row (b, i) attends keys [kv_start, kv_end) of its batch row (GQA: query head h reads
-key/value head h // GROUP). Forward: one program per (BLOCK_M queries, batch·query head); its key
+key/value head h // GROUP). The ranges are read through their strides (a [B, 1] slice of a [B, S]
+tensor, as a decode cache keeps, or a transposed view are fine) and clamped into [0, Skv], so bad
+ranges can never read outside the keys. Forward: one program per (BLOCK_M queries, batch·query head); its key
 loop runs only over [min start, max end) of its rows (a block whose rows are all empty writes zeros
 and stops there), and element masking happens only in blocks that some row's range does not fully
 cover. Empty rows output exactly 0 (and log-sum-exp +inf, so the backward gives them no weight).
@@ -15,34 +17,47 @@ query heads of its key/value head); one per query block makes dQ over its key ra
 Decode (one query token per batch row, over cached image keys/values): one program per
 (batch·kv head, split) holds all GROUP query heads of that kv head as its rows, so each key block is
 read once for the whole group; when batch·kv heads cannot fill the GPU the key range is split
-across programs and a combine kernel merges the partial softmaxes.
+across programs and a combine kernel merges the partial softmaxes (and writes the same log-sum-exp
+and ungated output as the forward, so the backward can follow either). The number of splits comes
+from Skv, never from the ranges' values: a launch reads nothing back from the device.
+
+Grids are 1-D (``_device.flat_grid``): program id = row · blocks + block, so batch·heads may exceed
+CUDA's 65535 limit on grid axis 1. Autotuning keys on SQ_BUCKET / SKV_BUCKET (``seq_bucket``: powers of
+two) instead of the exact lengths, so a new (text length, image tokens) pair in the same buckets
+reuses the tuned configuration instead of benchmarking every one again. Every launcher enters the
+tensors' CUDA device (``_device.device_guard``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from nvlm_kernels import _device
 from nvlm_kernels._backend import triton_interpreter_enabled
 
 LOG2E = math.log2(math.e)
 _INTERPRET = triton_interpreter_enabled()
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (Hopper?, head-dim bucket); spill-free with
-# triton 3.6 and 3.8 on that architecture (`make triton-aot` compiles every entry).
+# triton 3.6 and 3.8 on that architecture (`make triton-aot` compiles every entry). None is measured
+# yet. The flat 1-D grid costs the forward and dK/dV kernels a register or two: on sm_80 at D = 128,
+# 128x64 w8 s3 (forward) and 32x64 w4 s2 (dK/dV) began to spill and were replaced by 128x32 w8 s3
+# and 32x64 w8 s2.
 FWD_TABLE = {
     (True, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)],
     (True, 64): [(128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2)],
+    (False, 128): [(128, 32, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2)],
     (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
 }
 DKDV_TABLE = {
     (True, 128): [(64, 64, 8, 2)],
     (True, 64): [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
-    (False, 128): [(32, 64, 4, 2), (32, 32, 4, 2)],
+    (False, 128): [(32, 64, 8, 2), (32, 32, 4, 2)],
     (False, 64): [(32, 64, 4, 2), (64, 32, 4, 2)],
 }
 DQ_TABLE = {
@@ -84,7 +99,7 @@ def _pruner(table: dict):
 def _autotune(table: dict):
     return triton.autotune(
         configs=_autotune_configs(table),
-        key=["Sq", "Skv", "HEAD_DIM", "GROUP"],
+        key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "GROUP"],
         prune_configs_by={"early_config_prune": _pruner(table)},
     )
 
@@ -95,12 +110,19 @@ def _load_block(base, rows, stride_s, offs_d, stride_d, row_mask, d_mask):
     return tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
 
+def seq_bucket(n: int) -> int:
+    """The autotuning bucket of a sequence length: the next power of two, at least 16 (lengths in
+    one bucket share a tuned configuration)."""
+    return triton.next_power_of_2(max(int(n), 16))
+
+
 @triton.jit
-def _row_ranges(Start, End, range_base, rows, row_mask, Skv):
-    """Ranges of the block's rows, clamped into [0, Skv] (bad input can never index out of
-    bounds), and whether each is non-empty."""
-    start = tl.load(Start + range_base + rows, mask=row_mask, other=0)
-    end = tl.load(End + range_base + rows, mask=row_mask, other=0)
+def _row_ranges(Start, End, b, rows, stride_startb, stride_starts, stride_endb, stride_ends, row_mask, Skv):
+    """Ranges of batch row b's query rows ``rows``, read through the ranges' own strides and
+    clamped into [0, Skv] (bad input can never index out of bounds), and whether each is non-empty."""
+    rows64 = rows.to(tl.int64)
+    start = tl.load(Start + b * stride_startb + rows64 * stride_starts, mask=row_mask, other=0)
+    end = tl.load(End + b * stride_endb + rows64 * stride_ends, mask=row_mask, other=0)
     start = tl.minimum(tl.maximum(start, 0), Skv)
     end = tl.minimum(tl.maximum(end, start), Skv)
     return start, end, row_mask & (end > start)
@@ -114,13 +136,17 @@ def _xattn_fwd_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    Hq, GROUP, Sq, Skv, qk_scale,
+    stride_startb, stride_starts, stride_endb, stride_ends,
+    Hq, GROUP, Sq, Skv, SQ_BUCKET, SKV_BUCKET, qk_scale,
     HAS_GATE: tl.constexpr, WRITE_UNGATED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Out and Ungated share strides (both fresh [B, Sq, Hq, D] tensors)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Out and Ungated share strides (both fresh [B, Sq, Hq, D] tensors). SQ_BUCKET and SKV_BUCKET
+    only key the autotuner."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -129,7 +155,9 @@ def _xattn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = rows < Sq
     d_mask = offs_d < HEAD_DIM
-    start, end, nonempty = _row_ranges(Start, End, b * Sq, rows, m_mask, Skv)
+    start, end, nonempty = _row_ranges(
+        Start, End, b, rows, stride_startb, stride_starts, stride_endb, stride_ends, m_mask, Skv
+    )
     lo = tl.min(tl.where(nonempty, start, Skv), 0)
     hi = tl.max(tl.where(nonempty, end, 0), 0)
     # keys every non-empty row of the block may see: blocks inside it need no element mask
@@ -181,8 +209,10 @@ def _xattn_bwd_rowsum_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """rowsum[b, h, i] = Σ_d O_ungated · dOut (float32)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,14 +233,17 @@ def _xattn_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_db, stride_ds, stride_dh, stride_dd,
     stride_gb, stride_gs, stride_gh, stride_gd,
-    Hq, GROUP, Sq, Skv, qk_scale, sm_scale,
+    stride_startb, stride_starts, stride_endb, stride_ends,
+    Hq, GROUP, Sq, Skv, SQ_BUCKET, SKV_BUCKET, qk_scale, sm_scale,
     HAS_GATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M query rows over their key range. DO is the gradient of the gated output;
     the ungated output's is tanh(gate) times it."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -219,7 +252,9 @@ def _xattn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = rows < Sq
     d_mask = offs_d < HEAD_DIM
-    start, end, nonempty = _row_ranges(Start, End, b * Sq, rows, m_mask, Skv)
+    start, end, nonempty = _row_ranges(
+        Start, End, b, rows, stride_startb, stride_starts, stride_endb, stride_ends, m_mask, Skv
+    )
     lo = tl.min(tl.where(nonempty, start, Skv), 0)
     hi = tl.max(tl.where(nonempty, end, 0), 0)
     covered_lo = tl.max(tl.where(nonempty, start, 0), 0)
@@ -261,14 +296,17 @@ def _xattn_bwd_dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_db, stride_ds, stride_dh, stride_dd,
     stride_gb, stride_gs, stride_gh, stride_gd,
-    Hq, GROUP, Sq, Skv, qk_scale, sm_scale,
+    stride_startb, stride_starts, stride_endb, stride_ends,
+    Hq, GROUP, Sq, Skv, SQ_BUCKET, SKV_BUCKET, qk_scale, sm_scale,
     HAS_GATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys of one key/value head: walk the query blocks whose ranges reach these
     keys, for every query head of the group. DK and DV share strides (fresh [B, Skv, Hkv, D])."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Skv, BLOCK_N)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
     hkv = Hq // GROUP
     b = (pid_bh // hkv).to(tl.int64)
     hk = (pid_bh % hkv).to(tl.int64)
@@ -289,7 +327,9 @@ def _xattn_bwd_dkdv_kernel(
     for start_m in range(0, Sq, BLOCK_M):
         rows = start_m + offs_m
         m_mask = rows < Sq
-        start, end, nonempty = _row_ranges(Start, End, b * Sq, rows, m_mask, Skv)
+        start, end, nonempty = _row_ranges(
+            Start, End, b, rows, stride_startb, stride_starts, stride_endb, stride_ends, m_mask, Skv
+        )
         reach_lo = tl.min(tl.where(nonempty, start, Skv), 0)
         reach_hi = tl.max(tl.where(nonempty, end, 0), 0)
         if (reach_lo < block_hi) & (reach_hi > block_lo):  # some row of this block sees these keys
@@ -324,14 +364,17 @@ def _xattn_decode_kernel(
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_startb, stride_endb,
     Hq, GROUP, Skv, SPLITS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One query token per batch row: the GROUP query heads of a key/value head are this
-    program's rows; it covers split ``program_id(1)`` of the row's key range and writes the
-    partial softmax state (unnormalized acc, max, sum) for the combine kernel."""
-    pid_bk = tl.program_id(0)
-    split = tl.program_id(1)
+    program's rows; it covers split ``program_id(0) % SPLITS`` of the row's key range and writes
+    the partial softmax state (unnormalized acc, max, sum) for the combine kernel. The ranges are
+    [B, 1] (their column stride is not needed)."""
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    pid_bk = pid // SPLITS
     hkv = Hq // GROUP
     b = (pid_bk // hkv).to(tl.int64)
     hk = (pid_bk % hkv).to(tl.int64)
@@ -340,8 +383,8 @@ def _xattn_decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    start = tl.minimum(tl.maximum(tl.load(Start + b), 0), Skv)
-    end = tl.minimum(tl.maximum(tl.load(End + b), start), Skv)
+    start = tl.minimum(tl.maximum(tl.load(Start + b * stride_startb), 0), Skv)
+    end = tl.minimum(tl.maximum(tl.load(End + b * stride_endb), start), Skv)
     # this split's share of the range, in whole key blocks
     blocks = tl.cdiv(end - start, BLOCK_N)
     per_split = tl.cdiv(blocks, SPLITS)
@@ -374,11 +417,14 @@ def _xattn_decode_kernel(
 
 @triton.jit
 def _xattn_decode_combine_kernel(
-    PartAcc, PartM, PartL, GateTanh, Out,
+    PartAcc, PartM, PartL, GateTanh, Out, Ungated, Lse,
     stride_ob, stride_oh, stride_od, Hq, SPLITS,
-    HAS_GATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_GATE: tl.constexpr, WRITE_UNGATED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits of one (batch row, query head): out = Σ acc·2^(m - M) / Σ l·2^(m - M)."""
+    """Merge the splits of one (batch row, query head): out = Σ acc·2^(m - M) / Σ l·2^(m - M);
+    lse = M + log2 Σ l·2^(m - M) (+inf for an empty range), as the forward kernel writes it. Out and
+    Ungated share strides."""
     pid = tl.program_id(0)
     b = (pid // Hq).to(tl.int64)
     h = (pid % Hq).to(tl.int64)
@@ -397,9 +443,13 @@ def _xattn_decode_combine_kernel(
     total = tl.sum(total_l * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     out = tl.where(total > 0, out, 0.0)
+    offsets = b * stride_ob + h * stride_oh + offs_d * stride_od
+    if WRITE_UNGATED:
+        tl.store(Ungated + offsets, out.to(Ungated.dtype.element_ty), mask=d_mask)
     if HAS_GATE:
         out = out * tl.load(GateTanh)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_mask)
+    tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=d_mask)
+    tl.store(Lse + pid, tl.where(total > 0, m_safe + tl.math.log2(tl.where(total > 0, total, 1.0)), float("inf")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,24 +460,30 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
+def _range_strides(kv_start: torch.Tensor, kv_end: torch.Tensor) -> tuple[int, int, int, int]:
+    """(stride_startb, stride_starts, stride_endb, stride_ends): the kernels read the ranges through
+    these, so views (a [B, 1] slice of a [B, S] cache, a transposed tensor) need no copy."""
+    return (*kv_start.stride(), *kv_end.stride())
+
+
 def attention_fwd(q, k, v, kv_start, kv_end, gate_tanh, scale, save_ungated: bool):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] float32, ungated (or an empty placeholder))."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
-    out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    write_ungated = save_ungated and gate_tanh is not None
-    ungated = torch.empty_like(out) if write_ungated else out.new_empty((0,))
-    if B * Sq == 0:
-        return out, lse, ungated
-    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    gate_arg = gate_tanh if gate_tanh is not None else lse  # unused without a gate
-    _xattn_fwd_kernel[grid](
-        q, k, v, kv_start, kv_end, gate_arg, out, ungated if write_ungated else out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Sq, Skv, scale * LOG2E,
-        HAS_GATE=gate_tanh is not None, WRITE_UNGATED=write_ungated, HEAD_DIM=D, BLOCK_D=_block_d(D),
-    )  # fmt: skip
+    with _device.device_guard(q):
+        out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        write_ungated = save_ungated and gate_tanh is not None
+        ungated = torch.empty_like(out) if write_ungated else out.new_empty((0,))
+        if B * Sq == 0:
+            return out, lse, ungated
+        gate_arg = gate_tanh if gate_tanh is not None else lse  # unused without a gate
+        _xattn_fwd_kernel[lambda meta: _device.flat_grid(triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, kv_start, kv_end, gate_arg, out, ungated if write_ungated else out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_range_strides(kv_start, kv_end),
+            Hq, Hq // Hkv, Sq, Skv, seq_bucket(Sq), seq_bucket(Skv), scale * LOG2E,
+            HAS_GATE=gate_tanh is not None, WRITE_UNGATED=write_ungated, HEAD_DIM=D, BLOCK_D=_block_d(D),
+        )  # fmt: skip
     return out, lse, ungated
 
 
@@ -439,79 +495,95 @@ def attention_bwd(grad_out, q, k, v, kv_start, kv_end, gate_tanh, out, lse, unga
     caller multiplies by d tanh / d gate), or an empty tensor without a gate."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty((B, Skv, Hkv, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Skv, Hkv, D), dtype=v.dtype, device=v.device)
-    has_gate = gate_tanh is not None
-    o_ungated = ungated if has_gate else out
-    rowsum = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    if B * Sq > 0:
-        _xattn_bwd_rowsum_kernel[(triton.cdiv(Sq, _ROWSUM_ROWS), B * Hq)](
-            o_ungated, grad_out, rowsum, *o_ungated.stride(), *grad_out.stride(), Hq, Sq,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_ROWSUM_ROWS,
+    with _device.device_guard(q):
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty((B, Skv, Hkv, D), dtype=k.dtype, device=k.device)
+        dv = torch.empty((B, Skv, Hkv, D), dtype=v.dtype, device=v.device)
+        has_gate = gate_tanh is not None
+        o_ungated = ungated if has_gate else out
+        rowsum = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        if B * Sq > 0:
+            _xattn_bwd_rowsum_kernel[_device.flat_grid(triton.cdiv(Sq, _ROWSUM_ROWS), B * Hq)](
+                o_ungated, grad_out, rowsum, *o_ungated.stride(), *grad_out.stride(), Hq, Sq,
+                HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_ROWSUM_ROWS,
+            )  # fmt: skip
+        delta = rowsum * gate_tanh.float() if has_gate else rowsum
+        dgate_sum = rowsum.sum() if has_gate else q.new_empty((0,), dtype=torch.float32)
+        if B * Sq == 0 or Skv == 0:
+            dk.zero_()
+            dv.zero_()
+            dq.zero_()
+            return dq, dk, dv, dgate_sum
+        gate_arg = gate_tanh if has_gate else rowsum
+        common = dict(HAS_GATE=has_gate, HEAD_DIM=D, BLOCK_D=_block_d(D))
+        ranges = _range_strides(kv_start, kv_end)
+        buckets = (seq_bucket(Sq), seq_bucket(Skv))
+        _xattn_bwd_dq_kernel[lambda meta: _device.flat_grid(triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, grad_out, kv_start, kv_end, lse, delta, gate_arg, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ranges,
+            Hq, Hq // Hkv, Sq, Skv, *buckets, scale * LOG2E, scale, **common,
         )  # fmt: skip
-    delta = rowsum * gate_tanh.float() if has_gate else rowsum
-    dgate_sum = rowsum.sum() if has_gate else q.new_empty((0,), dtype=torch.float32)
-    if B * Sq == 0 or Skv == 0:
-        dk.zero_()
-        dv.zero_()
-        dq.zero_()
-        return dq, dk, dv, dgate_sum
-    gate_arg = gate_tanh if has_gate else rowsum
-    common = dict(HAS_GATE=has_gate, HEAD_DIM=D, BLOCK_D=_block_d(D))
-    _xattn_bwd_dq_kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, grad_out, kv_start, kv_end, lse, delta, gate_arg, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, scale, **common,
-    )  # fmt: skip
-    _xattn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, grad_out, kv_start, kv_end, lse, delta, gate_arg, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-        Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, scale, **common,
-    )  # fmt: skip
+        _xattn_bwd_dkdv_kernel[lambda meta: _device.flat_grid(triton.cdiv(Skv, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, grad_out, kv_start, kv_end, lse, delta, gate_arg, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ranges,
+            Hq, Hq // Hkv, Sq, Skv, *buckets, scale * LOG2E, scale, **common,
+        )  # fmt: skip
     return dq, dk, dv, dgate_sum
 
 
 _DECODE_BLOCK_N = 128 if _INTERPRET else 64
+_MAX_SPLITS = 64
 
 
-def decode_splits(batch_kv_heads: int, max_range: int, device: torch.device) -> int:
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch_kv_heads: int, kv_len: int, device: torch.device) -> int:
     """Key-range splits so that batch·kv heads·splits programs fill the GPU (about two per SM),
-    never more than the key blocks there are."""
+    never more than the key blocks of Skv. Only shapes decide: the ranges' values stay on the device
+    (each program takes its share of its own row's range), so a decode step syncs nothing and can be
+    captured in a CUDA graph."""
     if device.type != "cuda" or _INTERPRET:
-        return 1 if max_range <= 4 * _DECODE_BLOCK_N else 2  # exercised by the tests on CPU too
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, max(batch_kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max(max_range, 1), _DECODE_BLOCK_N), 64))
+        return 1 if kv_len <= 4 * _DECODE_BLOCK_N else 2  # exercised by the tests on CPU too
+    wanted = triton.cdiv(2 * _sm_count(device), max(batch_kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(max(kv_len, 1), _DECODE_BLOCK_N), _MAX_SPLITS))
 
 
-def attention_decode(q, k, v, kv_start, kv_end, gate_tanh, scale, max_range: int):
-    """q [B, 1, Hq, D]: one query token per batch row over its key range; returns [B, 1, Hq, D]."""
+def attention_decode(q, k, v, kv_start, kv_end, gate_tanh, scale, save_ungated: bool = False):
+    """q [B, 1, Hq, D]: one query token per batch row over its key range. Returns the forward's
+    outputs: (out [B, 1, Hq, D], lse [B, Hq, 1] float32, ungated (or an empty placeholder))."""
     B, _, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
-    if B == 0:
-        return out
-    splits = decode_splits(B * Hkv, max_range, q.device)
-    part_acc = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    q2 = q[:, 0]
-    _xattn_decode_kernel[(B * Hkv, splits)](
-        q2, k, v, kv_start, kv_end, part_acc, part_m, part_l,
-        *q2.stride(), *k.stride(), *v.stride(),
-        Hq, group, Skv, splits, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_DECODE_BLOCK_N,
-        num_warps=4,
-    )  # fmt: skip
-    o2 = out[:, 0]
-    _xattn_decode_combine_kernel[(B * Hq,)](
-        part_acc, part_m, part_l, gate_tanh if gate_tanh is not None else part_m, o2,
-        *o2.stride(), Hq, splits,
-        HAS_GATE=gate_tanh is not None, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
-    )  # fmt: skip
-    return out
+    with _device.device_guard(q):
+        out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+        write_ungated = save_ungated and gate_tanh is not None
+        ungated = torch.empty_like(out) if write_ungated else out.new_empty((0,))
+        if B == 0:
+            return out, lse, ungated
+        splits = decode_splits(B * Hkv, Skv, q.device)
+        part_acc = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        q2 = q[:, 0]
+        _xattn_decode_kernel[_device.flat_grid(splits, B * Hkv)](
+            q2, k, v, kv_start, kv_end, part_acc, part_m, part_l,
+            *q2.stride(), *k.stride(), *v.stride(), kv_start.stride(0), kv_end.stride(0),
+            Hq, group, Skv, splits, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=_DECODE_BLOCK_N, num_warps=4,
+        )  # fmt: skip
+        o2 = out[:, 0]
+        _xattn_decode_combine_kernel[_device.flat_grid(1, B * Hq)](
+            part_acc, part_m, part_l, gate_tanh if gate_tanh is not None else part_m, o2,
+            ungated[:, 0] if write_ungated else o2, lse, *o2.stride(), Hq, splits,
+            HAS_GATE=gate_tanh is not None, WRITE_UNGATED=write_ungated, HEAD_DIM=D, BLOCK_D=_block_d(D),
+            BLOCK_S=triton.next_power_of_2(splits),
+        )  # fmt: skip
+    return out, lse, ungated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,9 +597,22 @@ def _signature(fn, dtype: str, fp32_pointers: set[str], int_pointers: set[str], 
             signature[name] = "*i32" if name in int_pointers else ("*fp32" if name in fp32_pointers else f"*{dtype}")
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
-        elif name.startswith("stride_") or name in ("Hq", "GROUP", "Sq", "Skv", "SPLITS"):
+        elif name.startswith("stride_") or name in ("Hq", "GROUP", "Sq", "Skv", "SQ_BUCKET", "SKV_BUCKET", "SPLITS"):
             signature[name] = "i32"
     return signature
+
+
+# The ranges' strides: a contiguous [B, Sq] tensor's row stride is Sq (no divisibility assumed) and its
+# column stride 1 (Triton specializes an int argument equal to 1).
+_RANGE_UNIT = ("stride_starts", "stride_ends")
+_RANGE_ROW = ("stride_startb", "stride_endb")
+
+
+def _stride_args(fn) -> tuple[list[str], list[str]]:
+    """(unit strides: compiled as the constant 1, strides assumed divisible by 16)."""
+    unit = [a for a in fn.arg_names if a.startswith("stride_") and (a.endswith("d") or a in _RANGE_UNIT)]
+    strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in unit and a not in _RANGE_ROW]
+    return unit, strides
 
 
 def aot_specs() -> list[dict]:
@@ -543,8 +628,7 @@ def aot_specs() -> list[dict]:
     ]
     for name, kernel, n_pointers, table, flags in tuned:
         fn = kernel.fn
-        unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")]
-        strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in unit]
+        unit, strides = _stride_args(fn)
         for (hopper, head_dim), configs in table.items():
             for m, n, w, stages in configs:
                 for dtype in ("bf16", "fp16"):
@@ -565,11 +649,11 @@ def aot_specs() -> list[dict]:
     plain = [
         ("bwd_rowsum", _xattn_bwd_rowsum_kernel, 3, {"BLOCK_M": _ROWSUM_ROWS}, 4),
         ("decode", _xattn_decode_kernel, 8, {"BLOCK_G": 16, "BLOCK_N": _DECODE_BLOCK_N}, 4),
-        ("decode_combine", _xattn_decode_combine_kernel, 5, {"HAS_GATE": True, "BLOCK_S": 16}, 4),
-    ]
+        ("decode_combine", _xattn_decode_combine_kernel, 7, {"HAS_GATE": True, "WRITE_UNGATED": True, "BLOCK_S": 16},
+         4),
+    ]  # fmt: skip
     for name, fn, n_pointers, constexprs, warps in plain:
-        unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")]
-        strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in unit]
+        unit, strides = _stride_args(fn)
         for dtype in ("bf16", "fp16"):
             specs.append(
                 {

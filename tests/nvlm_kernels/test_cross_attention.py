@@ -153,6 +153,9 @@ def test_zero_gate_still_has_a_gradient(device):
 
 @pytest.mark.parametrize("skv", [200, 700])  # 700: the key range is split across programs
 def test_decode_matches_prefill(device, skv):
+    """Sq = 1 runs the decode kernel, with or without autograd; with autograd the backward kernels
+    run from the decode kernel's log-sum-exp and ungated output. The general forward kernel runs
+    the same rows as a two-row prefill."""
     require_backend(OP, "triton", device)
     gen = torch.Generator().manual_seed(skv)
     b, hq, hkv, d = 5, 16, 2, 64
@@ -163,12 +166,25 @@ def test_decode_matches_prefill(device, skv):
     gate = torch.tensor([0.3], device=device, dtype=torch.float16)
     with torch.no_grad(), nk.use_backend("triton"):
         decoded = nk.gated_cross_attention(q, k, v, start, end, gate)  # the decode kernel
+        prefill = nk.gated_cross_attention(q.repeat(1, 2, 1, 1), k, v, start.repeat(1, 2), end.repeat(1, 2), gate)
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v, gate)]
+    mine = [x.detach().clone().requires_grad_() for x in (q, k, v, gate)]
     with nk.use_backend("triton"):
-        prefill = nk.gated_cross_attention(q.clone().requires_grad_(), k, v, start, end, gate)  # the general one
-    hi = oracle(q.cpu(), k.cpu(), v.cpu(), start.cpu(), end.cpu(), gate.cpu(), d**-0.5)
-    lo = oracle(q.cpu(), k.cpu(), v.cpu(), start.cpu(), end.cpu(), gate.cpu(), d**-0.5, low=True)
+        with_grad = nk.gated_cross_attention(*mine[:3], start, end, mine[3])  # decode kernel + backward
+    grad = torch.randn(with_grad.shape, generator=gen).to(device, torch.float16)
+    grads = torch.autograd.grad(with_grad, mine, grad)
+    hi_in = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    hi = oracle(*hi_in[:3], start.cpu(), end.cpu(), hi_in[3], d**-0.5)
+    hi_grads = torch.autograd.grad(hi, hi_in, grad.cpu().double())
+    lo_in = [x.detach().cpu().clone().requires_grad_() for x in (q, k, v, gate)]
+    lo = oracle(*lo_in[:3], start.cpu(), end.cpu(), lo_in[3], d**-0.5, low=True)
+    lo_grads = torch.autograd.grad(lo, lo_in, grad.cpu())
     assert_close_flash(decoded.cpu(), lo, hi, name="decode")
-    assert_close_flash(prefill.detach().cpu(), lo, hi, name="prefill")
+    assert_close_flash(with_grad.detach().cpu(), lo, hi, name="decode with autograd")
+    for i in range(2):
+        assert_close_flash(prefill[:, i : i + 1].cpu(), lo, hi, name="prefill")
+    for name, g, g_lo, g_hi in zip("qkvg", grads, lo_grads, hi_grads, strict=True):
+        assert_close_flash(g.cpu(), g_lo, g_hi, name=f"d{name}", floor=1e-4 if name == "g" else 1e-5)
     assert torch.equal(decoded[2], torch.zeros_like(decoded[2]))
 
 
@@ -183,11 +199,12 @@ def test_opcheck_and_compile(device, backend):
     start, end = (x.to(device) for x in random_ranges(1, 20, 30, 2))
     gate = torch.tensor([0.5], device=device, dtype=dtype, requires_grad=True)
     with nk.use_backend(backend):
-        torch.library.opcheck(gated_cross_attention_op, (q, k, v, start, end, gate, 0.125))
-        out, lse, ungated = gated_cross_attention_op(q, k, v, start, end, gate, 0.125)
+        torch.library.opcheck(gated_cross_attention_op, (q, k, v, start, end, gate, 0.125, backend))
+        out, lse, ungated = gated_cross_attention_op(q, k, v, start, end, gate, 0.125, backend)
         plain = [x.detach() for x in (torch.randn_like(out), q, k, v)]
         torch.library.opcheck(
-            gated_cross_attention_bwd_op, (*plain, start, end, gate.detach(), out.detach(), lse, ungated, 0.125)
+            gated_cross_attention_bwd_op,
+            (*plain, start, end, gate.detach(), out.detach(), lse, ungated, 0.125, backend),
         )
         torch._dynamo.reset()
         compiled = torch.compile(

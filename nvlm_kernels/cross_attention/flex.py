@@ -1,0 +1,161 @@
+"""Gated cross-attention through FlexAttention with a block mask (peer backend "flex").
+
+The BlockMask comes from ``create_block_mask`` with a mask_mod that reads the ranges
+(``kv_start[b, i] <= key < kv_end[b, i]``, i.e. the ranges clamped into [0, Skv] as every backend
+does): FlexAttention then skips the key blocks no row of a query block sees, computes the blocks
+every row sees without a mask and applies the mask_mod only in the others. GQA through
+``enable_gqa``; the tanh gate and the zeroing of empty rows (FlexAttention already gives them 0;
+the ``where`` keeps that exact for every gradient too) run after it, in one fused kernel on CUDA.
+
+On CUDA, FlexAttention runs compiled (module-level ``torch.compile``; eager FlexAttention
+materializes the whole score matrix). On CPU it runs eagerly, forward only: torch 2.13's
+FlexAttention has no CPU backward, so a CPU call that records gradients raises
+``BackendUnavailableError`` (``auto`` never picks flex on CPU).
+
+Building the BlockMask costs a pass over the [B, Sq, Skv] mask. In eager mode the last one is kept
+and reused while the same range tensors come back unmodified (same objects, same version counters)
+at the same shapes: the cross-attention layers of one forward, or the steps of one decode, share it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from nvlm_kernels._backend import BackendUnavailableError
+
+try:  # torch >= 2.8: the log-sum-exp is asked for with an AuxRequest
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+LOG2E = math.log2(math.e)
+CPU_BACKWARD_REASON = (
+    "this torch's FlexAttention has no backward on CPU tensors (its forward runs eagerly there): "
+    "use another backend for gradients on CPU"
+)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+_last: tuple | None = None  # (kv_start, version, kv_end, version, shape key, BlockMask)
+
+
+def block_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, q_len: int, kv_len: int):
+    """The BlockMask of the ranges [B, Sq] over kv_len keys (the last one reused in eager mode)."""
+    global _last
+    compiling = torch.compiler.is_compiling()
+    key = (tuple(kv_start.shape), q_len, kv_len, kv_start.device)
+    if not compiling and _last is not None:
+        start, start_version, end, end_version, last_key, mask = _last
+        if start is kv_start and end is kv_end and last_key == key:
+            if start_version == _version(kv_start) and end_version == _version(kv_end):
+                return mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= kv_start[b, q_idx]) & (kv_idx < kv_end[b, q_idx])
+
+    mask = create_block_mask(mask_mod, kv_start.shape[0], None, q_len, kv_len, device=kv_start.device)
+    if not compiling:
+        _last = (kv_start, _version(kv_start), kv_end, _version(kv_end), key, mask)
+    return mask
+
+
+def clear_cache() -> None:
+    """Forget the kept BlockMask (and with it the range tensors it holds)."""
+    global _last
+    _last = None
+
+
+def _attend(q, k, v, mask, keep, scale: float, gqa: bool, with_lse: bool):
+    """FlexAttention on the [B, H, S, D] views; the output back as [B, Sq, Hq, D], empty rows 0."""
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if with_lse:
+        if AuxRequest is not None:
+            out, aux = flex_attention(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa,
+                                      return_aux=AuxRequest(lse=True))  # fmt: skip
+            lse = aux.lse
+        else:  # pragma: no cover - older torch
+            out, lse = flex_attention(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    else:
+        out, lse = flex_attention(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa), None
+    return torch.where(keep[..., None, None], out.transpose(1, 2), 0), lse
+
+
+def _attend_gated(q, k, v, mask, keep, tanh_gate, scale: float, gqa: bool):
+    out, _ = _attend(q, k, v, mask, keep, scale, gqa, False)
+    return out if tanh_gate is None else out * tanh_gate
+
+
+# FlexAttention is fast only compiled; the where and the gate fuse into one kernel after it.
+_attend_gated_compiled = torch.compile(_attend_gated)
+_attend_compiled = torch.compile(_attend)
+
+
+def _run(fn_cuda, fn_eager, device: torch.device, *args):
+    if device.type == "cuda":
+        return fn_cuda(*args)
+    if torch.compiler.is_compiling():
+        return fn_eager(*args)
+    with warnings.catch_warnings():  # eager on CPU is the point here, not an oversight
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return fn_eager(*args)
+
+
+def _keep(kv_start, kv_end, kv_len: int) -> torch.Tensor:
+    """[B, Sq] bool: rows whose range, clamped into [0, Skv], is not empty."""
+    start = kv_start.clamp(0, kv_len)
+    return kv_end.clamp(max=kv_len) > start
+
+
+def _check_grad(q, k, v, gate) -> None:
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        if any(t is not None and t.requires_grad for t in (q, k, v, gate)):
+            raise BackendUnavailableError(f"nvlm_kernels.gated_cross_attention: flex: {CPU_BACKWARD_REASON}")
+
+
+def _empty_output(q: torch.Tensor) -> torch.Tensor:
+    """No query rows or no keys (FlexAttention rejects such shapes): every row is empty, so 0."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, 0)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """[B, Sq, Hq, D] in q's dtype; differentiable in q, k, v and gate on CUDA, forward only on CPU."""
+    _check_grad(q, k, v, gate)
+    b, sq, hq, _ = q.shape
+    skv = k.shape[1]
+    if b * sq * skv == 0:
+        out = _empty_output(q)
+        return out if gate is None else out * torch.tanh(gate.reshape(())).to(out.dtype)
+    mask = block_mask(kv_start, kv_end, sq, skv)
+    keep = _keep(kv_start, kv_end, skv)
+    tanh_gate = None if gate is None else torch.tanh(gate.reshape(())).to(q.dtype)
+    gqa = hq != k.shape[2]
+    return _run(_attend_gated_compiled, _attend_gated, q.device, q, k, v, mask, keep, tanh_gate, scale, gqa)
+
+
+def forward_with_lse(q, k, v, kv_start, kv_end, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ungated output [B, Sq, Hq, D], lse [B, Hq, Sq] float32 base 2, +inf for empty rows): the
+    outputs the registered op returns (FlexAttention gives its natural-log lse, -inf when empty)."""
+    b, sq, hq, _ = q.shape
+    skv = k.shape[1]
+    if b * sq * skv == 0:
+        return _empty_output(q), torch.full((b, hq, sq), float("inf"), device=q.device)
+    mask = block_mask(kv_start, kv_end, sq, skv)
+    keep = _keep(kv_start, kv_end, skv)
+    out, lse = _run(_attend_compiled, _attend, q.device, q, k, v, mask, keep, scale, hq != k.shape[2], True)
+    lse = torch.where(keep[:, None, :], lse.float() * LOG2E, float("inf"))
+    return out, lse.contiguous()
