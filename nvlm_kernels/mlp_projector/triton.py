@@ -21,6 +21,15 @@ A = GELU(H) for dW2 from the saved pre-activation (saving H only, not the LayerN
 eager does: one [M, N1] tensor instead of two plus [M, K]); ``_ln_apply_kernel`` rebuilds the
 LayerNorm output for dW1; ``_ln_bwd_rowsum_kernel`` and ``_ln_bwd_kernel`` make dx (scattered back
 through the shuffle; CLS rows get zeros) and per-block partial sums of dγ and dβ.
+
+The ``unfused`` backend (``unfused.py``) uses ``gather_layer_norm``: ``_ln_fwd_kernel`` writes the
+gathered LayerNorm output z [M, K] and the row statistics in one launch (a row of up to 16384
+features stays in registers, so x is read once), and ``gather_layer_norm_bwd`` (the two LayerNorm
+backward kernels above) for its backward.
+
+Launchers: every one enters the tensors' CUDA device (``_device.device_guard``); γ, β and b1 are
+made unit-stride once there (the kernels index them as ``ptr + k``); x and W1 take any strides;
+grids come from small functions that ``launch_grids`` exposes to a host test of CUDA's limits.
 """
 
 from __future__ import annotations
@@ -427,7 +436,7 @@ def _tile_grid(m: int, k: int, tile: tuple[int, int]) -> tuple[int, int]:
 
 
 _ACT_BLOCK = 4096 if _INTERPRET else 1024
-_LN_ONE_TILE_MAX = 16384  # features a program keeps in registers (NVLM's K = 12800: 16384 wide, 16 warps)
+_LN_ONE_TILE_MAX = 16384  # features a program keeps in registers (NVLM's K = 12800: 16384 wide, 32 warps)
 _LN_LOOP_BLOCK = 4096  # features per step over wider rows
 
 
@@ -438,12 +447,18 @@ def _act_grid(numel: int) -> tuple[int]:
 def _ln_fwd_config(k: int) -> tuple[int, int, bool, int]:
     """(BLOCK_R, BLOCK_K, ONE_TILE, num_warps) of ``_ln_fwd_kernel`` for K features: whole rows in
     registers up to 16384 features, several rows per program when they are short (about 8192
-    elements per program; 64 rows through the interpreter, which pays per program)."""
+    elements per program; up to 64 rows through the interpreter, which pays per program)."""
+    return _ln_fwd_config_gpu(k, 64 if _INTERPRET else 16)
+
+
+def _ln_fwd_config_gpu(k: int, max_rows: int = 16) -> tuple[int, int, bool, int]:
     width = triton.next_power_of_2(k)
     if width > _LN_ONE_TILE_MAX:
-        return (16 if _INTERPRET else 1), _LN_LOOP_BLOCK, False, 8
-    rows = max(1, min(64 if _INTERPRET else 16, 8192 // width))
-    return rows, width, True, max(4, min(16, rows * width // 1024))
+        return (max_rows if max_rows > 16 else 1), _LN_LOOP_BLOCK, False, 8
+    rows = max(1, min(max_rows, 8192 // width))
+    # 16 elements per thread: 62 registers at K = 12800 (1024 threads); 32 per thread take 121,
+    # which halves the warps an SM holds for this latency-bound row reduction
+    return rows, width, True, max(4, min(32, rows * width // 512))
 
 
 def _ln_fwd_grid(m: int, k: int) -> tuple[int]:
@@ -649,7 +664,7 @@ def aot_specs() -> list[dict]:
     """Every GEMM configuration on its architecture at NVLM's shape (gathered input [N, 1025, 3200]
     with the CLS row dropped and a 0.5 shuffle, LayerNorm with bias, exact GELU, writing the
     pre-activation), bf16 and fp16; then the row and elementwise kernels."""
-    fp32 = {"Mean", "Rstd", "S1", "S2", "PartGamma", "PartBeta"}
+    fp32 = {"Mean", "Rstd", "S1", "S2", "PartGamma", "PartBeta"}  # the 6 pointers of _ln_fwd_kernel: X..Rstd
     specs = []
     fn = _ln_linear_kernel.fn
     strides = [a for a in fn.arg_names if a.startswith("stride_") and a not in ("stride_xc", "stride_wk")]
@@ -681,7 +696,12 @@ def aot_specs() -> list[dict]:
         ("ln_bwd", _ln_bwd_kernel, 10, {"HAS_LN": True, "WRITE_DX": True, "PARTIALS": True,
                                         "BLOCK_R": _TILE_BWD[0], "BLOCK_K": _TILE_BWD[1]}),
     ]  # fmt: skip
-    for name, fn, n_pointers, constexprs in plain:
+    # the unfused backend's gather + LayerNorm: NVLM's K = 12800 in registers, and the looped form
+    for label, k in (("ln_fwd", 12800), ("ln_fwd_loop", 4 * _LN_ONE_TILE_MAX)):
+        rows, block_k, one_tile, warps = _ln_fwd_config_gpu(k)
+        constexprs = {"HAS_BETA": True, "ONE_TILE": one_tile, "BLOCK_R": rows, "BLOCK_K": block_k}
+        plain.append((label, _ln_fwd_kernel, 6, constexprs, warps))
+    for name, fn, n_pointers, constexprs, *warps in plain:
         names = fn.arg_names
         flags = {"R": 2, "V2": True} if "R" in names else {}
         units = {a: 1 for a in ("stride_xc", "stride_dc") if a in names}
@@ -694,7 +714,7 @@ def aot_specs() -> list[dict]:
                     "signature": _signature(fn, dtype, fp32, n_pointers),
                     "constexprs": {**constexprs, **flags, **units},
                     "divisible_by_16": list(names[:n_pointers]) + strides,
-                    "num_warps": 4,
+                    "num_warps": warps[0] if warps else 4,
                 }
             )
     return specs
