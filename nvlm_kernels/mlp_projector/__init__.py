@@ -7,7 +7,10 @@ activation="gelu", pixel_shuffle=None, drop_cls=False, version="v2")`` computes
 
 over tokens x [N, L, K] (already pixel-shuffled), or, with ``pixel_shuffle=0.5``, over the ViT
 output itself ([N, 1024, C], or [N, 1025, C] with ``drop_cls=True``): the CLS drop and the shuffle
-happen in the kernels' loads and no shuffled tensor is written. ``ln_weight=None`` skips the
+happen in the triton backend's first-GEMM loads (no shuffled tensor is written), and in the unfused
+backend's one memory-bound pass, which writes the first GEMM's input z [M, K] (on CUDA its Triton
+LayerNorm kernel reads x in shuffled order; the torch path copies once). γ, β and the biases may
+be strided views. ``ln_weight=None`` skips the
 LayerNorm, ``w2=None`` is the one-layer form (no activation: NVLM-X's single Linear), biases are
 optional. NVLM-D/H: LayerNorm(12800) -> 12800x29568 -> GELU -> 29568x8192, no biases (72B).
 
