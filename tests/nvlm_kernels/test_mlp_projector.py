@@ -312,10 +312,11 @@ def test_unfused_triton_gather_layer_norm(
     unfused_kernels, monkeypatch, width, variant, shuffle, drop_cls, poison_empty
 ):
     """The Triton gather + LayerNorm kernels of the unfused path (fp16, interpreter): rows held in
-    registers, and rows walked in steps (forced here with a small step; a ragged last step)."""
+    registers, and rows walked in steps (forced here with small steps: K = 320 in 10 steps, K = 80 in
+    3 with a ragged last one)."""
     if width == "loop":
-        monkeypatch.setattr(unfused_kernels, "_LN_ONE_TILE_MAX", 64)
-        monkeypatch.setattr(unfused_kernels, "_LN_LOOP_BLOCK", 128)
+        monkeypatch.setattr(unfused_kernels, "_LN_ONE_TILE_MAX", 16)
+        monkeypatch.setattr(unfused_kernels, "_LN_LOOP_BLOCK", 32)
     calls = []
     real = unfused_kernels._ln_fwd_config
     monkeypatch.setattr(unfused_kernels, "_ln_fwd_config", lambda k: calls.append(real(k)) or calls[-1])
