@@ -1,30 +1,52 @@
 """Tile-batched, non-causal ViT attention (InternViT), and the same with InternViT-6B's
-full-width QK-RMSNorm fused in.
+full-width QK-RMSNorm.
 
-``vit_attention(q, k, v, *, softmax_scale=None)``: q, k, v [T, S, H, D] (tiles, tokens, heads,
-head dim; the layout a fused QKV projection gives, read through strides, no transposes), any S and
-H; returns softmax(scale · q kᵀ) v as [T, S, H, D], scale = D^-0.5 by default.
+``vit_attention(q, k, v, *, softmax_scale=None)``: q, k, v [T, S, H, D] (tiles, tokens, heads, head
+dim; the layout a fused QKV projection gives, read through strides, no transposes), any S and H;
+returns softmax(scale · q kᵀ) v as [T, S, H, D] (contiguous), scale = D^-0.5 by default.
 
 ``vit_qk_norm_attention(qkv, q_norm_weight, k_norm_weight, *, num_heads, eps=1e-6,
 norm_features=None, softmax_scale=None)``: qkv [T, S, 3·H·D]; q and k are each normalized by one
 RMS over the first ``norm_features`` (default all H·D) features of the token — NVLM's checkpoint
-pads 7 zero heads to 32 and normalizes over the 3200 real features — times their weights, and
-then attend. The Triton backend writes no normalized copy of q and k.
+pads 7 zero heads to 32 and normalizes over the 3200 real features — times their weights (InternRMSNorm:
+variance in float32, normalized value cast to the input dtype, then the weight), and then attend.
 
-Backends: ``triton`` (fp16, bf16; D in 64, 80, 96, 128) and ``reference`` (any float dtype and
-D). ``auto`` takes Triton on CUDA tensors when it supports the call and the reference otherwise;
-an explicit ``triton`` request it cannot serve raises ``BackendUnavailableError`` saying why.
-Both ops are differentiable (q, k, v; qkv and both norm weights).
+Backends (``nk.available_backends(op, device)``; ``use_backend(name)`` selects one):
+
+* ``sdpa`` (peer, ``sdpa.py``): ``torch.nn.functional.scaled_dot_product_attention`` on [T, H, S, D]
+  views (torch picks cuDNN / flash / memory-efficient on a GPU, its fused kernel on a CPU); the
+  QK-norm form first writes normalized q and k (a separate memory-bound RMSNorm), then SDPA. Any
+  float dtype and head dim. The public functions run it as plain differentiable PyTorch.
+* ``triton`` (``triton.py``; fp16, bf16; D in 64, 80, 96, 128): FlashAttention-2 style kernels; the
+  QK-norm form normalizes q and k as the attention kernels load them (no normalized copy).
+* ``reference`` (``reference.py``; any float dtype and D): plain PyTorch in float32, the oracle.
+
+``auto`` takes what the dispatch table measured fastest for (op, device kind, dtype, bucket
+``S=<pow2>,D=<D>,TH=<pow2 of T·H>``, pass) and, where nothing was measured, the ``sdpa`` peer on CPU
+and CUDA tensors (never an unmeasured kernel of ours). An explicit request that cannot serve the call
+(e.g. ``triton`` with float32, ``flex``, ``unfused``) raises ``BackendUnavailableError`` saying why.
+
+Both ops are differentiable (q, k, v; qkv and both norm weights). Our kernels and the reference run
+through registered torch.library ops (``nvlm_kernels::vit_attention`` / ``vit_qk_norm_attention``
+and their ``_bwd`` twins), whose trailing ``backend`` argument names the backend the public function
+resolved (``"auto"``: resolved inside the op at run time). The ops accept ``"sdpa"`` too (so opcheck
+tests it): the forward runs SDPA under no_grad and also computes the log-sum-exp the schema returns;
+the backward recomputes SDPA's forward with autograd and differentiates it. The public functions
+never take that path for a peer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import operator
 
 import torch
 
 from nvlm_kernels import _backend, _nvtx
 from nvlm_kernels._checks import softmax_scale_from
+from nvlm_kernels.vit_attention import sdpa as _sdpa
 
 OP = "vit_attention"
 OP_FUSED = "vit_qk_norm_attention"
@@ -32,8 +54,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
 
-_backend.register_op(OP, has_triton=True, cuda_op=None)
-_backend.register_op(OP_FUSED, has_triton=True, cuda_op=None)
+PEERS = {"sdpa": _sdpa}
+DEFAULT_PEER = {"cpu": "sdpa", "cuda": "sdpa"}
+
+_backend.register_op(OP, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer=DEFAULT_PEER)
+_backend.register_op(OP_FUSED, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer=DEFAULT_PEER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,30 +134,94 @@ def _check_fused(
 
 
 # --------------------------------------------------------------------------------------------------
+# backend choice
+
+
+def _unsupported(x: torch.Tensor, head_dim: int) -> tuple[tuple[str, str], ...]:
+    """(backend, reason) pairs for the backends that cannot take this call (``_backend.select``)."""
+    reason = _kernel_reason(x, head_dim)
+    return (("triton", reason),) if reason else ()
+
+
+def _bucket(tiles: int, tokens: int, heads: int, head_dim: int) -> str:
+    """The dispatch table's shape bucket: powers of two over S and T·H (they vary between calls), the
+    exact head dim (a model fixes it)."""
+    return f"S={_backend.pow2_bucket(tokens)},D={head_dim},TH={_backend.pow2_bucket(tiles * heads)}"
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _op_backend(op: str, backend: str, x: torch.Tensor, dims: tuple[int, int, int, int], grad: bool) -> str:
+    """The backend a registered op runs: ``"auto"`` resolves through ``_backend.select`` now (a
+    direct ``torch.ops`` call; the public functions pass their resolved choice); a named backend is
+    checked, raising ``BackendUnavailableError`` with the reason when it cannot serve the call."""
+    unsupported = _unsupported(x, dims[3])
+    if backend == "auto":
+        return _backend.select(op, x.device, x.dtype, _bucket(*dims), grad, unsupported)
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {(*_backend.BACKENDS, 'auto')}, got {backend!r}")
+    reason = _backend.why_unavailable(op, backend, x.device) or dict(unsupported).get(backend)
+    if reason is not None:
+        raise _backend.BackendUnavailableError(
+            f"nvlm_kernels.{op}: backend {backend!r} cannot run this call on {x.device.type} tensors: {reason}"
+        )
+    return backend
+
+
+def _impl(backend: str):
+    """The module of ``backend`` (reference.py, triton.py, sdpa.py): the same interface in each."""
+    return PEERS[backend] if backend in PEERS else _backend.implementation(__name__, backend)
+
+
+_AUTOGRAD_KEYS = functools.reduce(
+    operator.or_,
+    (torch._C.DispatchKeySet(key) for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")),
+)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """A registered op's implementation runs below autograd (its dispatch keys are excluded in this
+    thread, whatever the grad mode): re-admit them, with grad mode on, so that a peer's backward can
+    recompute the peer's forward and take ``torch.autograd.grad``."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def _run_peer(op: str, fn, *args):
+    """The public functions' peer path: the peer itself (plain differentiable PyTorch), inside the
+    op's NVTX forward range (its backward is SDPA's own autograd, without a range of ours)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    with _nvtx.range(f"nvlm.kernels.{op}.fwd"):
+        return fn(*args)
+
+
+# --------------------------------------------------------------------------------------------------
 # vit_attention: registered ops
 
 
-def _impl(op: str, x: torch.Tensor, head_dim: int):
-    backend = _backend.resolve_supported(op, x.device, {"triton": _kernel_reason(x, head_dim)})
-    return _backend.implementation(__name__, "triton" if backend == "triton" else "reference")
-
-
-def _attention_fwd(q, k, v, scale):
-    impl = _impl(OP, q, q.shape[-1])
+def _attention_fwd(q, k, v, scale, backend):
     with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
-        return impl.attention_fwd(q, k, v, scale)
+        return _impl(backend).attention_fwd(q, k, v, scale)
 
 
 @torch.library.custom_op("nvlm_kernels::vit_attention", mutates_args=())
 def vit_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, S, H, D], lse [T, H, S] float32: base-2 log-sum-exp of each score row)."""
     _check_qkv(q, k, v)
-    return _attention_fwd(q, k, v, scale)
+    backend = _op_backend(OP, backend, q, q.shape, any(t.requires_grad for t in (q, k, v)))
+    return _attention_fwd(q, k, v, scale, backend)
 
 
 @vit_attention_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, backend="auto"):
     _check_qkv(q, k, v)
     t, s, h, d = q.shape
     return q.new_empty((t, s, h, d)), q.new_empty((t, h, s), dtype=torch.float32)
@@ -147,34 +236,40 @@ def vit_attention_bwd_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous [T, S, H, D]. A peer backend recomputes its forward (out and lse unused)."""
     _check_qkv(q, k, v)
     if grad_out.shape != q.shape:
         raise ValueError(f"grad_out must have the shape of the output {tuple(q.shape)}, got {tuple(grad_out.shape)}")
-    impl = _impl(OP, q, q.shape[-1])
+    backend = _op_backend(OP, backend, q, q.shape, True)
+    impl = _impl(backend)
     with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
+        if backend in PEERS:
+            with _autograd_inside_op():
+                return tuple(g.contiguous() for g in impl.attention_bwd(grad_out, q, k, v, out, lse, scale))
         return impl.attention_bwd(grad_out.to(q.dtype), q, k, v, out, lse, scale)
 
 
 @vit_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse, scale, backend="auto"):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
+    q, k, v, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    # "auto" (a direct op call) is resolved here as the forward resolved it, so both passes agree
+    ctx.backend = _op_backend(OP, backend, q, q.shape, True) if backend == "auto" else backend
     ctx.mark_non_differentiable(lse)
-    _backend.remember_backend(ctx, OP)
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    with _backend.backward_backend(ctx, OP):
-        dq, dk, dv = vit_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = vit_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
 
 
 vit_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -185,20 +280,30 @@ def vit_attention(
 ) -> torch.Tensor:
     """Non-causal attention over every tile: q, k, v [T, S, H, D] -> [T, S, H, D] (contiguous)."""
     _check_qkv(q, k, v)
-    scale = softmax_scale_from(softmax_scale, q.shape[-1])
+    t, s, h, d = q.shape
+    scale = softmax_scale_from(softmax_scale, d)
+    backend = _backend.select(OP, q.device, q.dtype, _bucket(t, s, h, d), _needs_grad(q, k, v), _unsupported(q, d))
+    if backend in PEERS:
+        return _run_peer(OP, PEERS[backend].attention, q, k, v, scale)
     if _backend.eager_fast_path(q, k, v):
-        return _attention_fwd(q, k, v, scale)[0]
-    return vit_attention_op(q, k, v, scale)[0]
+        return _attention_fwd(q, k, v, scale, backend)[0]
+    return vit_attention_op(q, k, v, scale, backend)[0]
 
 
 # --------------------------------------------------------------------------------------------------
 # vit_qk_norm_attention: registered ops
 
 
-def _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale):
-    impl = _impl(OP_FUSED, qkv, qkv.shape[-1] // (3 * num_heads))
+def _fused_dims(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    t, s, width = qkv.shape
+    return t, s, num_heads, width // (3 * num_heads)
+
+
+def _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend):
     with _nvtx.range(f"nvlm.kernels.{OP_FUSED}.fwd"):
-        return impl.qk_norm_attention_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+        return _impl(backend).qk_norm_attention_fwd(
+            qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale
+        )
 
 
 @torch.library.custom_op("nvlm_kernels::vit_qk_norm_attention", mutates_args=())
@@ -210,13 +315,17 @@ def vit_qk_norm_attention_op(
     eps: float,
     norm_features: int,
     scale: float,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [T, S, H, D], lse [T, H, S], rstd_q [T, S], rstd_k [T, S]; the last three float32)."""
     _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
-    return _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+    grad = any(t.requires_grad for t in (qkv, q_norm_weight, k_norm_weight))
+    backend = _op_backend(OP_FUSED, backend, qkv, _fused_dims(qkv, num_heads), grad)
+    return _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend)
 
 
 @vit_qk_norm_attention_op.register_fake
-def _(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale):
+def _(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend="auto"):
     head_dim, _ = _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
     t, s, _ = qkv.shape
     out = qkv.new_empty((t, s, num_heads, head_dim))
@@ -238,37 +347,47 @@ def vit_qk_norm_attention_bwd_op(
     eps: float,
     norm_features: int,
     scale: float,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dq_norm_weight, dk_norm_weight), contiguous. A peer backend recomputes its forward."""
     _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
-    impl = _impl(OP_FUSED, qkv, qkv.shape[-1] // (3 * num_heads))
+    backend = _op_backend(OP_FUSED, backend, qkv, _fused_dims(qkv, num_heads), True)
+    impl = _impl(backend)
+    args = (qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale)
     with _nvtx.range(f"nvlm.kernels.{OP_FUSED}.bwd"):
-        return impl.qk_norm_attention_bwd(
-            grad_out.to(qkv.dtype), qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k,
-            num_heads, eps, norm_features, scale,
-        )  # fmt: skip
+        if backend in PEERS:
+            with _autograd_inside_op():
+                return tuple(g.contiguous() for g in impl.qk_norm_attention_bwd(grad_out, *args))
+        return impl.qk_norm_attention_bwd(grad_out.to(qkv.dtype), *args)
 
 
 @vit_qk_norm_attention_bwd_op.register_fake
-def _(grad_out, qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale):
-    return torch.empty_like(qkv), torch.empty_like(q_norm_weight), torch.empty_like(k_norm_weight)
+def _(grad_out, qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale,
+      backend="auto"):  # fmt: skip
+    return (
+        qkv.new_empty(qkv.shape),
+        q_norm_weight.new_empty(q_norm_weight.shape),
+        k_norm_weight.new_empty(k_norm_weight.shape),
+    )
 
 
 def _fused_setup(ctx, inputs, output) -> None:
-    qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale = inputs
+    qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend = inputs
     out, lse, rstd_q, rstd_k = output
     ctx.save_for_backward(qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k)
     ctx.args = (num_heads, eps, norm_features, scale)
+    if backend == "auto":  # a direct op call: resolved as the forward resolved it
+        backend = _op_backend(OP_FUSED, backend, qkv, _fused_dims(qkv, num_heads), True)
+    ctx.backend = backend
     ctx.mark_non_differentiable(lse, rstd_q, rstd_k)
-    _backend.remember_backend(ctx, OP_FUSED)
 
 
 def _fused_backward(ctx, grad_out, _grad_lse, _grad_rstd_q, _grad_rstd_k):
     qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k = ctx.saved_tensors
-    with _backend.backward_backend(ctx, OP_FUSED):
-        dqkv, dwq, dwk = vit_qk_norm_attention_bwd_op(
-            grad_out.contiguous(), qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, *ctx.args
-        )
-    return dqkv, dwq, dwk, None, None, None, None
+    dqkv, dwq, dwk = vit_qk_norm_attention_bwd_op(
+        grad_out.contiguous(), qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, *ctx.args, ctx.backend
+    )
+    return dqkv, dwq, dwk, None, None, None, None, None
 
 
 vit_qk_norm_attention_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -287,10 +406,16 @@ def vit_qk_norm_attention(
     """InternViT-6B's attention core: RMSNorm of q and of k over the whole token, then attention.
 
     qkv [T, S, 3·H·D] (q, k, v blocks of H heads each, as the fused projection writes them);
-    weights [H·D]; returns [T, S, H, D]."""
+    weights [H·D]; returns [T, S, H, D] (contiguous)."""
     head_dim, norm_features = _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
     scale = softmax_scale_from(softmax_scale, head_dim)
     eps = float(eps)
+    dims = _fused_dims(qkv, num_heads)
+    grad = _needs_grad(qkv, q_norm_weight, k_norm_weight)
+    backend = _backend.select(OP_FUSED, qkv.device, qkv.dtype, _bucket(*dims), grad, _unsupported(qkv, head_dim))
+    args = (qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+    if backend in PEERS:
+        return _run_peer(OP_FUSED, PEERS[backend].qk_norm_attention, *args)
     if _backend.eager_fast_path(qkv, q_norm_weight, k_norm_weight):
-        return _fused_fwd(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)[0]
-    return vit_qk_norm_attention_op(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)[0]
+        return _fused_fwd(*args, backend)[0]
+    return vit_qk_norm_attention_op(*args, backend)[0]

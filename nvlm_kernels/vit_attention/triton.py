@@ -2,10 +2,11 @@
 full-width QK-RMSNorm.
 
 Layout [T, S, H, D] through explicit strides (a fused QKV projection's output needs no copy).
-Forward: one program per (block of BLOCK_M queries, tile·head); keys and values stream through in
-BLOCK_N blocks with an online softmax in float32 on exp2 (the scale is folded with log2 e); full
-key blocks run unmasked and only the tail block (S = 1025 is not a multiple of any block) is
-masked. Saved for the backward: the base-2 log-sum-exp of each row.
+Forward: one program per (block of BLOCK_M queries, tile·head), all on grid axis 0 with the block
+index fastest (``_device.flat_grid``; axis 1 would cap T·H at 65535, about 2622 tiles of 25 heads);
+keys and values stream through in BLOCK_N blocks with an online softmax in float32 on exp2 (the
+scale is folded with log2 e); full key blocks run unmasked and only the tail block (S = 1025 is not
+a multiple of any block) is masked. Saved for the backward: the base-2 log-sum-exp of each row.
 
 Backward (recompute with the saved log-sum-exp): delta = rowsum(dO ⊙ O); one kernel per key block
 makes dK and dV by walking the query blocks, one per query block makes dQ by walking the key blocks.
@@ -17,6 +18,7 @@ normalize q and k as they load them (x · rstd · weight), so no normalized copy
 backward, the attention kernels give the gradients of the normalized q and k (float32), and a
 row kernel turns them into gradients of the raw q, k and of the two weights.
 
+Every launcher enters the tensors' CUDA device first (Triton launches on the current device).
 Offsets are int64. bf16 is exact only on a GPU (the Triton interpreter computes bf16 wrongly).
 """
 
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 from nvlm_kernels._backend import triton_interpreter_enabled
+from nvlm_kernels._device import device_guard, flat_grid
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
@@ -55,7 +58,7 @@ DKDV_TABLE = {
     (True, 128, False): [(64, 128, 8, 2), (64, 64, 8, 2)],
     (True, 128, True): [(64, 64, 8, 2), (32, 64, 4, 2)],
     (True, 64, False): [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-    (True, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+    (True, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],  # 128x64w8s2 spills since the flat grid
     (False, 128, False): [(128, 64, 8, 2), (64, 64, 8, 2)],
     (False, 128, True): [(128, 64, 8, 2), (64, 64, 8, 2)],
     (False, 64, False): [(32, 128, 4, 2), (32, 64, 4, 2)],
@@ -116,6 +119,35 @@ def _load_block(base, rows, stride_s, offs_d, stride_d, row_mask, d_mask):
 
 
 @triton.jit
+def _block_tile_head(S, H, BLOCK: tl.constexpr):
+    """(block, t, h) of this program in a ``flat_grid(cdiv(S, BLOCK), T·H)`` launch (program id =
+    (t·H + h) · blocks + block); t and h as int64 for the offsets.
+
+    With a 2-D grid the compiler read the block and the tile·head straight from the (non-negative)
+    block indices; here they come from divisions. Telling it S is positive (the launchers never
+    launch otherwise) keeps the decode as cheap, and ``_block_tile_head_again`` recomputes it after
+    the main loop: without both, the largest configurations of the tables grew a stack frame
+    (tools/triton_aot.py)."""
+    tl.assume(S > 0)
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(S, BLOCK)
+    pid_th = pid // blocks
+    return pid % blocks, (pid_th // H).to(tl.int64), (pid_th % H).to(tl.int64)
+
+
+@triton.jit
+def _block_tile_head_again(S, H, BLOCK: tl.constexpr):
+    """``_block_tile_head`` computed another way, so that the compiler does not merge the two and
+    keep the first alive through the main loop: the stores after the loop use this one."""
+    pid = tl.program_id(0)
+    per_tile = tl.cdiv(S, BLOCK) * H
+    t = pid // per_tile
+    rest = pid - t * per_tile
+    h = rest // tl.cdiv(S, BLOCK)
+    return rest - h * tl.cdiv(S, BLOCK), t.to(tl.int64), h.to(tl.int64)
+
+
+@triton.jit
 def _prescale(x, RSTD, rstd_base, rows, row_mask, WA, WB, w_base, offs_d, d_mask):
     """x · rstd[row] · wa[d] · wb[d] in float32, rounded once to x's dtype.
 
@@ -145,10 +177,7 @@ def _vit_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_th = tl.program_id(1)
-    t = (pid_th // H).to(tl.int64)
-    h = (pid_th % H).to(tl.int64)
+    pid_m, t, h = _block_tile_head(S, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -184,6 +213,9 @@ def _vit_attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
+    pid_m, t, h = _block_tile_head_again(S, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < S
     o_ptrs = Out + t * stride_ot + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os
     o_ptrs += offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -210,10 +242,7 @@ def _vit_attn_bwd_dkdv_kernel(
     """dK, dV of one block of BLOCK_N keys: walk every query block. DK and DV share the strides
     stride_g* (both are fresh [T, S, H, D] tensors). With QK_NORM, dK is the gradient of the
     normalized k."""
-    pid_n = tl.program_id(0)
-    pid_th = tl.program_id(1)
-    t = (pid_th // H).to(tl.int64)
-    h = (pid_th % H).to(tl.int64)
+    pid_n, t, h = _block_tile_head(S, H, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -247,6 +276,9 @@ def _vit_attn_bwd_dkdv_kernel(
         if QK_NORM:
             ds_t *= r[None, :]
         dk += tl.dot(ds_t.to(q.dtype), q)
+    pid_n, t, h = _block_tile_head_again(S, H, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < S
     if QK_NORM:
         dk *= tl.load(Wq + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     dk *= sm_scale
@@ -275,10 +307,7 @@ def _vit_attn_bwd_dq_kernel(
 ):  # fmt: skip
     """dQ of one block of BLOCK_M queries: walk every key block. With QK_NORM, dQ is the gradient
     of the normalized q."""
-    pid_m = tl.program_id(0)
-    pid_th = tl.program_id(1)
-    t = (pid_th // H).to(tl.int64)
-    h = (pid_th % H).to(tl.int64)
+    pid_m, t, h = _block_tile_head(S, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -311,6 +340,9 @@ def _vit_attn_bwd_dq_kernel(
         if QK_NORM:
             ds *= r[None, :]
         dq += tl.dot(ds.to(k.dtype), k)
+    pid_m, t, h = _block_tile_head_again(S, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < S
     if QK_NORM:
         dq *= tl.load(Wk + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     dq *= sm_scale
@@ -328,10 +360,7 @@ def _vit_attn_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """delta[t, h, s] = Σ_d O·dO (float32): the row term of the softmax backward."""
-    pid_m = tl.program_id(0)
-    pid_th = tl.program_id(1)
-    t = (pid_th // H).to(tl.int64)
-    h = (pid_th % H).to(tl.int64)
+    pid_m, t, h = _block_tile_head(S, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = rows < S
@@ -403,12 +432,11 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-def _grid_m(S: int, T: int, H: int):
-    return lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), T * H)
-
-
-def _grid_n(S: int, T: int, H: int):
-    return lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), T * H)
+def attention_grid(T: int, S: int, H: int, block: str):
+    """The launch grid of an attention kernel (forward, dK/dV, dQ, delta): one program per (block of
+    ``meta[block]`` rows, tile·head), all on axis 0 (``_device.flat_grid``; the kernels recover the
+    block, tile and head with ``_block_tile_head``). A function of the autotuner's meta-parameters."""
+    return lambda meta: flat_grid(triton.cdiv(S, meta[block]), T * H)
 
 
 def attention_fwd(
@@ -426,12 +454,13 @@ def attention_fwd(
     if T == 0:
         return out, lse
     rstd_q, rstd_k, w_q, w_k = norm if norm is not None else (lse, lse, lse, lse)  # unused placeholders
-    _vit_attn_fwd_kernel[_grid_m(S, T, H)](
-        q, k, v, out, lse, rstd_q, rstd_k, w_q, w_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, S, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), QK_NORM=norm is not None,
-    )  # fmt: skip
+    with device_guard(q):
+        _vit_attn_fwd_kernel[attention_grid(T, S, H, "BLOCK_M")](
+            q, k, v, out, lse, rstd_q, rstd_k, w_q, w_k,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, S, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), QK_NORM=norm is not None,
+        )  # fmt: skip
     return out, lse
 
 
@@ -456,24 +485,25 @@ def attention_bwd(
     if T == 0:
         return dq, dk, dv
     delta = torch.empty((T, H, S), dtype=torch.float32, device=q.device)
-    _vit_attn_bwd_delta_kernel[(triton.cdiv(S, _DELTA_ROWS), T * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, S,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_ROWS,
-    )  # fmt: skip
     rstd_q, rstd_k, w_q, w_k = norm if norm is not None else (lse, lse, lse, lse)
     common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), QK_NORM=norm is not None)
     if dk.stride() != dv.stride():
         raise AssertionError("dk and dv must share strides")
-    _vit_attn_bwd_dkdv_kernel[_grid_n(S, T, H)](
-        q, k, v, grad_out, lse, delta, dk, dv, rstd_q, rstd_k, w_q, w_k,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-        H, S, scale * LOG2E, scale, **common,
-    )  # fmt: skip
-    _vit_attn_bwd_dq_kernel[_grid_m(S, T, H)](
-        q, k, v, grad_out, lse, delta, dq, rstd_q, rstd_k, w_q, w_k,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        H, S, scale * LOG2E, scale, **common,
-    )  # fmt: skip
+    with device_guard(q):
+        _vit_attn_bwd_delta_kernel[attention_grid(T, S, H, "BLOCK_M")](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, S,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_ROWS,
+        )  # fmt: skip
+        _vit_attn_bwd_dkdv_kernel[attention_grid(T, S, H, "BLOCK_N")](
+            q, k, v, grad_out, lse, delta, dk, dv, rstd_q, rstd_k, w_q, w_k,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+            H, S, scale * LOG2E, scale, **common,
+        )  # fmt: skip
+        _vit_attn_bwd_dq_kernel[attention_grid(T, S, H, "BLOCK_M")](
+            q, k, v, grad_out, lse, delta, dq, rstd_q, rstd_k, w_q, w_k,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            H, S, scale * LOG2E, scale, **common,
+        )  # fmt: skip
     return dq, dk, dv
 
 
@@ -488,11 +518,11 @@ def rms_rstd(x: torch.Tensor, eps: float, norm_features: int) -> torch.Tensor:
     rstd = torch.empty((T, S), dtype=torch.float32, device=x.device)
     rows = T * S
     if rows:
-        grid = (triton.cdiv(rows, _RSTD_ROWS),)
-        _rms_rstd_kernel[grid](
-            x, rstd, x.stride(0), x.stride(1), S, rows, eps,
-            NORM_FEATURES=norm_features, BLOCK_R=_RSTD_ROWS, BLOCK_F=_RSTD_FEATURES,
-        )  # fmt: skip
+        with device_guard(x):
+            _rms_rstd_kernel[flat_grid(triton.cdiv(rows, _RSTD_ROWS), 1)](
+                x, rstd, x.stride(0), x.stride(1), S, rows, eps,
+                NORM_FEATURES=norm_features, BLOCK_R=_RSTD_ROWS, BLOCK_F=_RSTD_FEATURES,
+            )  # fmt: skip
     return rstd
 
 
@@ -513,12 +543,13 @@ def rms_norm_bwd(
     programs = triton.cdiv(rows, _NORM_BWD_ROWS)
     partial = torch.empty((max(programs, 1), F), dtype=torch.float32, device=x.device)
     if rows:
-        _rms_norm_bwd_kernel[(programs,)](
-            x, grad_normed, rstd, weight, dx, partial,
-            x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), S, rows, norm_features,
-            WIDTH=F, BLOCK_F=triton.next_power_of_2(F), ROWS_PER_PROGRAM=_NORM_BWD_ROWS,
-            num_warps=8 if F > 2048 else 4,
-        )  # fmt: skip
+        with device_guard(x):
+            _rms_norm_bwd_kernel[flat_grid(programs, 1)](
+                x, grad_normed, rstd, weight, dx, partial,
+                x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), S, rows, norm_features,
+                WIDTH=F, BLOCK_F=triton.next_power_of_2(F), ROWS_PER_PROGRAM=_NORM_BWD_ROWS,
+                num_warps=8 if F > 2048 else 4,
+            )  # fmt: skip
     else:
         partial.zero_()
     return partial.sum(0)
