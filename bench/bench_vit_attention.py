@@ -1,15 +1,20 @@
 """ViT attention benchmark: InternViT's non-causal attention over tiles, [T, S, H, D] layout.
 
-Providers (forward and backward): ``triton`` (ours, through the public op), every SDPA backend
-that runs here (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``, on transposed
-views of the same tensors), ``flex`` (FlexAttention, compiled, no mask), ``reference`` (ours,
-float32 math) and ``triton-32heads`` (NVLM's checkpoint pads 25 heads to 32 with zeros: the cost
-of running the padded heads). The fused QK-norm op is timed against norm-then-attention, and one
-whole InternViT-6B layer with our ops against eager PyTorch.
+Providers (forward and backward), all through the package's public op: ``triton`` (our kernels),
+``sdpa`` (the op's ``sdpa`` peer backend, which ``auto`` runs wherever nothing was measured: every
+device here until a tuning run says otherwise), the SDPA sub-backends as rows of that same peer
+(``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``: ``use_backend("sdpa")`` inside
+``torch.nn.attention.sdpa_kernel``; no second copy of the peer here), ``reference`` (float32 math)
+and ``triton-32heads`` (NVLM's checkpoint pads 25 heads to 32 with zeros: the cost of running the
+padded heads); besides them ``flex`` (FlexAttention, compiled, no mask; not a backend of this op).
+The QK-norm op is timed on ``triton`` (norm fused into the attention) against its ``sdpa`` peer
+(a separate RMSNorm writing normalized q and k, then SDPA), and one whole InternViT-6B layer with
+the attention on the peer (``eager (sdpa)``), on ``auto`` and on ``triton``.
 
 Work: 4·T·H·S²·D FLOPs forward (useful heads only, also for the padded provider), 2.5× that
 backward. Targets (targets.md b, b′; H100, bf16): >= 550 TFLOP/s at S = 1025, D = 128 and
->= 1.6× the best SDPA backend in the same run; >= 1.3× SDPA at the 300M shape (D = 64).
+>= 1.6× the best SDPA backend in the same run; >= 1.3× SDPA at the 300M shape (D = 64). The cases
+at those two shapes carry ``target`` "b" and "b′" (``run_all.py --targets``).
 
     python bench/bench_vit_attention.py
 """
@@ -27,7 +32,7 @@ KERNEL = "vit_attention.fwd"
 KERNEL_BWD = "vit_attention.bwd"
 KERNEL_NORM = "vit_qk_norm_attention.fwd"
 KERNEL_LAYER = "internvit6b_layer.fwd"
-BASELINE = "sdpa-flash"
+BASELINE = "sdpa"  # the peer auto runs where nothing was measured
 
 GPU_SHAPES = [  # (T, S, H, D, label)
     (7, 1025, 25, 128, "6B"),
@@ -38,7 +43,14 @@ GPU_SHAPES = [  # (T, S, H, D, label)
 CPU_SHAPES = [(1, 257, 4, 64, "small")]
 
 
-def _sdpa(backend_name: str):
+SDPA_KERNELS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+BACKWARD_PROVIDERS = ("triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads")
+TARGET_ROWS = {"6B": "b", "300M": "b′"}  # targets.md rows, by shape label
+TARGET_PROVIDERS = ("triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads")
+
+
+def _sdpa_kernel(provider: str):
+    """The package's sdpa peer with torch's SDPA restricted to one of its kernels."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {
@@ -46,12 +58,11 @@ def _sdpa(backend_name: str):
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa-math": SDPBackend.MATH,
-    }[backend_name]
+    }[provider]
 
     def attention(q, k, v):
-        with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        with sdpa_kernel([backend]), nk.use_backend("sdpa", ops="vit_attention"):
+            return nk.vit_attention(q, k, v)
 
     return attention
 
@@ -68,8 +79,10 @@ def _flex():
 
 
 def _ours(backend: str):
+    """The public op on one of its backends (``auto``: what a user gets)."""
+
     def attention(q, k, v):
-        with nk.use_backend(backend):
+        with nk.use_backend(backend, ops="vit_attention"):
             return nk.vit_attention(q, k, v)
 
     return attention
@@ -81,7 +94,7 @@ def _padded_heads(total_heads: int):
     def attention(q, k, v):
         pad = total_heads - q.shape[2]
         q, k, v = (torch.cat([x, x.new_zeros(*x.shape[:2], pad, x.shape[3])], dim=2) for x in (q, k, v))
-        with nk.use_backend("triton"):
+        with nk.use_backend("triton", ops="vit_attention"):
             return nk.vit_attention(q, k, v)[:, :, : total_heads - pad]
 
     return attention
@@ -107,14 +120,15 @@ def _backward(fn, q, k, v):
     return run
 
 
-def _rms_norm(x, weight, eps=1e-6):
+def _rms_norm(x, weight, eps=1e-6):  # the layer's own RMSNorms (n1, n2), not the attention's
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _layer_cases(device: str, dtype: torch.dtype) -> list[Case]:
     """One InternViT-6B layer (7 tiles x 1025 tokens): RMSNorm, QKV, QK-norm, attention, proj,
-    layer scale, RMSNorm, MLP with exact GELU, layer scale — eager (SDPA) against our ops."""
+    layer scale, RMSNorm, MLP with exact GELU, layer scale; the QK-norm attention on the sdpa peer
+    (what eager InternViT runs), on auto and on triton."""
     t, s, hidden, heads, mlp = 7, 1025, 3200, 25, 12800
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -128,16 +142,11 @@ def _layer_cases(device: str, dtype: torch.dtype) -> list[Case]:
     )  # fmt: skip
     x = p(t, s, hidden, scale=1.0)
 
-    def attention_eager(qkv):
-        q, k, v = qkv.split(hidden, -1)
-        q, k = _rms_norm(q, w["qn"]), _rms_norm(k, w["kn"])
-        q, k, v = (y.unflatten(-1, (heads, hidden // heads)).transpose(1, 2) for y in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+    def layer(backend: str):
+        def attention(qkv):
+            with nk.use_backend(backend, ops="vit_qk_norm_attention"):
+                return nk.vit_qk_norm_attention(qkv, w["qn"], w["kn"], num_heads=heads).flatten(-2)
 
-    def attention_ours(qkv):
-        return nk.vit_qk_norm_attention(qkv, w["qn"], w["kn"], num_heads=heads).flatten(-2)
-
-    def layer(attention):
         def run():
             h = F.linear(_rms_norm(x, w["n1"]), w["qkv"])
             y = x + w["ls1"] * F.linear(attention(h), w["proj"], w["proj_b"])
@@ -148,47 +157,41 @@ def _layer_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
     flops = 2 * t * s * (hidden * 3 * hidden + hidden * hidden + 2 * hidden * mlp) + 4 * t * heads * s * s * 128
     shape, dt = f"{t}x{s}x{hidden}", str(dtype).removeprefix("torch.")
-    return [
-        Case(KERNEL_LAYER, "eager (sdpa)", shape, dt, layer(attention_eager), flops=flops),
-        Case(KERNEL_LAYER, "ours", shape, dt, layer(attention_ours), flops=flops),
+    out = [
+        Case(KERNEL_LAYER, "eager (sdpa)", shape, dt, layer("sdpa"), flops=flops),
+        Case(KERNEL_LAYER, "auto", shape, dt, layer("auto"), flops=flops),
     ]
+    reason = nk.available_backends("vit_qk_norm_attention", device)["triton"]
+    triton_layer = Case(KERNEL_LAYER, "triton", shape, dt, layer("triton"), flops=flops)
+    return out + [skipped(KERNEL_LAYER, "triton", shape, dt, reason) if reason else triton_layer]
 
 
 def _fused(qkv, wq, wk, heads: int, backend: str):
     def run():
-        with nk.use_backend(backend):
+        with nk.use_backend(backend, ops="vit_qk_norm_attention"):
             return nk.vit_qk_norm_attention(qkv, wq, wk, num_heads=heads)
 
     return run
 
 
-def _norm_then_attention(qkv, wq, wk, heads: int, backend: str):
-    def run():
-        q, k, v = qkv.split(qkv.shape[-1] // 3, -1)
-        q, k = _rms_norm(q, wq), _rms_norm(k, wk)
-        with nk.use_backend(backend):
-            return nk.vit_attention(*(y.unflatten(-1, (heads, -1)) for y in (q, k, v)))
-
-    return run
-
-
 def _norm_cases(device: str, dtype: torch.dtype, dims: tuple, shape: str, flops: int, gen) -> list[Case]:
-    """The fused QK-norm op against RMSNorm (eager) + our attention, same inputs."""
+    """The QK-norm op on triton (norm applied as q and k are loaded) against its sdpa peer (RMSNorm
+    writing normalized q and k, then SDPA), same inputs; both checked against the float32 reference."""
     t, s, h, d = dims
     dt = str(dtype).removeprefix("torch.")
     qkv = torch.randn(t, s, 3 * h * d, generator=gen, device=device, dtype=dtype)
     wq, wk = (1 + 0.1 * torch.randn(h * d, generator=gen, device=device, dtype=dtype) for _ in range(2))
-    reason = nk.available_backends("vit_qk_norm_attention", device)["triton"]
-    backend = "reference" if reason else "triton"
-    fused = (
-        skipped(KERNEL_NORM, "triton (fused)", shape, dt, reason)
-        if reason
-        else Case(KERNEL_NORM, "triton (fused)", shape, dt, _fused(qkv, wq, wk, h, "triton"), flops=flops)
-    )
-    unfused = Case(
-        KERNEL_NORM, f"norm + {backend}", shape, dt, _norm_then_attention(qkv, wq, wk, h, backend), flops=flops
-    )
-    return [fused, unfused]
+    expected = _fused(qkv.float(), wq.float(), wk.float(), h, "reference")()
+    tolerance = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)
+    out = []
+    for provider in ("triton", "sdpa"):
+        reason = nk.available_backends("vit_qk_norm_attention", device)[provider]
+        if reason:
+            out.append(skipped(KERNEL_NORM, provider, shape, dt, reason))
+            continue
+        run = _fused(qkv, wq, wk, h, provider)
+        out.append(Case(KERNEL_NORM, provider, shape, dt, run, flops=flops, check=close_to(run, expected, **tolerance)))
+    return out
 
 
 def cases(device: str, quick: bool = False) -> list[Case]:
@@ -201,31 +204,24 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         q, k, v = (torch.randn(t, s, h, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
         flops = 4 * t * h * s * s * d
         shape = f"{label} {t}x{s}x{h}x{d}"
-        # every provider is checked against float32 math first (SDPA-math, cheap enough up to 1025)
-        expected = None if s > 2048 else _sdpa("sdpa-math")(q.float(), k.float(), v.float())
+        # every provider is checked against float32 math first (our reference, up to S = 1025)
+        expected = None if s > 2048 else _ours("reference")(q.float(), k.float(), v.float())
         tolerance = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)
         providers = {
             "triton": _ours("triton"),
-            "sdpa-flash": None,
-            "sdpa-efficient": None,
-            "sdpa-cudnn": None,
-            "sdpa-math": None,
-            "flex": None,
+            "sdpa": _ours("sdpa"),
+            **{name: _sdpa_kernel(name) for name in SDPA_KERNELS},
+            "flex": _flex() if device == "cuda" else None,
             "reference": _ours("reference"),
         }
         if label == "6B":
             providers["triton-32heads"] = _padded_heads(32)
-        for name in list(providers):
-            if name.startswith("sdpa"):
-                providers[name] = _sdpa(name)
-            elif name == "flex":
-                providers[name] = _flex() if device == "cuda" else None
         for name, fn in providers.items():
             if fn is None:
                 out.append(skipped(KERNEL, name, shape, dt, "FlexAttention is benchmarked on CUDA only"))
                 continue
-            if name == "triton" and nk.available_backends("vit_attention", device)["triton"]:
-                reason = nk.available_backends("vit_attention", device)["triton"]
+            if name in ("triton", "sdpa") and nk.available_backends("vit_attention", device)[name]:
+                reason = nk.available_backends("vit_attention", device)[name]
             elif name == "reference" and device == "cuda" and s > 2048:
                 reason = "the float32 reference at this size is not worth the time"
             else:
@@ -237,13 +233,17 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             run = lambda f=fn, a=(q, k, v): f(*a)  # noqa: E731
             check = close_to(run, expected, **tolerance) if expected is not None else None
             out.append(Case(KERNEL, name, shape, dt, run, flops=flops, check=check))
-            if name in ("triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads"):
+            if name in BACKWARD_PROVIDERS:
                 out.append(Case(KERNEL_BWD, name, shape, dt, _backward(fn, q, k, v), flops=int(2.5 * flops)))
 
         if label in ("6B", "small"):  # the fused QK-norm at the 6B width
             out += _norm_cases(device, dtype, (t, s, h, d), shape, flops, gen)
     if device == "cuda" and not quick:
         out += _layer_cases(device, dtype)
+    for case in out:  # targets.md rows b (InternViT-6B) and b′ (300M): our kernels and every peer
+        label = case.shape.split(" ")[0]
+        if case.kernel in (KERNEL, KERNEL_BWD) and label in TARGET_ROWS and case.provider in TARGET_PROVIDERS:
+            case.target = TARGET_ROWS[label]
     return out
 
 
