@@ -46,16 +46,20 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from nvlm_kernels import _backend, _nvtx
 from nvlm_kernels._checks import softmax_scale_from
+from nvlm_kernels.cross_attention import flex as _flex
+from nvlm_kernels.cross_attention import sdpa as _sdpa
 from nvlm_kernels.cross_attention.ranges import POLICIES, cross_attention_ranges, is_trusted, ranges_from_mask
 
 OP = "gated_cross_attention"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
-PEERS = ("flex", "sdpa")
+PEERS = {"flex": _flex, "sdpa": _sdpa}  # imported here: torch.compile traces through the public function
 FLEX_CPU_GRAD_REASON = "FlexAttention has no backward on CPU tensors in this torch (its CPU forward runs)"
 
-_backend.register_op(OP, has_triton=True, cuda_op=None, peers=PEERS, default_peer={"cpu": "sdpa", "cuda": "flex"})
+_backend.register_op(
+    OP, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer={"cpu": "sdpa", "cuda": "flex"}
+)
 
 __all__ = ["POLICIES", "cross_attention_ranges", "gated_cross_attention", "ranges_from_mask"]
 
@@ -233,7 +237,7 @@ def _recording_autograd():
 
 def _peer_backward(backend: str, grad_out, q, k, v, kv_start, kv_end, gate, scale):
     """(dq, dk, dv, dgate) of a peer: its forward recomputed with autograd, then differentiated."""
-    peer = _backend.implementation(__name__, backend)
+    peer = PEERS[backend]
     with _recording_autograd():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         if gate is not None:
@@ -266,7 +270,7 @@ def gated_cross_attention_op(
     backend = _op_backend(backend, q, k, grad=False)
     if backend in PEERS:
         with torch.no_grad():
-            ungated, lse = _backend.implementation(__name__, backend).forward_with_lse(q, k, v, kv_start, kv_end, scale)
+            ungated, lse = PEERS[backend].forward_with_lse(q, k, v, kv_start, kv_end, scale)
             out = _apply_gate(ungated, gate).contiguous()
         keep = ungated.contiguous() if gate is not None else q.new_empty((0,))
         return out, lse, keep
@@ -370,7 +374,7 @@ def gated_cross_attention(
     backend = _backend.select(OP, q.device, q.dtype, _bucket(q, k), grad, _unsupported(q, grad))
     if backend in PEERS:  # the peer itself, as plain differentiable PyTorch
         with _nvtx.range(f"nvlm.kernels.{OP}.{'decode' if q.shape[1] == 1 else 'fwd'}"):
-            return _backend.implementation(__name__, backend).attention(q, k, v, kv_start, kv_end, gate, scale)
+            return PEERS[backend].attention(q, k, v, kv_start, kv_end, gate, scale)
     if _backend.eager_fast_path(*tensors):
         return _forward(backend, q, k, v, kv_start, kv_end, gate, scale, save_ungated=False)[0]
     return gated_cross_attention_op(q, k, v, kv_start, kv_end, gate, scale, backend)[0]

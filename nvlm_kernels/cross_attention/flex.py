@@ -1,14 +1,16 @@
 """Gated cross-attention through FlexAttention with a block mask (peer backend "flex").
 
-The BlockMask comes from ``create_block_mask`` with a mask_mod that reads the ranges
+The BlockMask is the one ``create_block_mask`` makes from a mask_mod that reads the ranges
 (``kv_start[b, i] <= key < kv_end[b, i]``, i.e. the ranges clamped into [0, Skv] as every backend
 does): FlexAttention then skips the key blocks no row of a query block sees, computes the blocks
-every row sees without a mask and applies the mask_mod only in the others. GQA through
+every row sees without a mask and applies the mask_mod only in the others. Since each row's keys
+are one interval, the block tables come straight from the ranges (``block_mask``), without
+evaluating the mask_mod at every (row, key). GQA through
 ``enable_gqa``; the tanh gate and the zeroing of empty rows (FlexAttention already gives them 0;
 the ``where`` keeps that exact for every gradient too) run after it, in one fused kernel on CUDA.
 
-On CUDA, FlexAttention runs compiled (module-level ``torch.compile``; eager FlexAttention
-materializes the whole score matrix). On CPU it runs eagerly, forward only: torch 2.13's
+On CUDA, FlexAttention runs compiled (``torch.compile`` of this module's attention step, made on
+first use; eager FlexAttention materializes the whole score matrix). On CPU it runs eagerly, forward only: torch 2.13's
 FlexAttention has no CPU backward, so a CPU call that records gradients raises
 ``BackendUnavailableError`` (``auto`` never picks flex on CPU).
 
@@ -23,7 +25,8 @@ import math
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nvlm_kernels._backend import BackendUnavailableError
 
@@ -46,8 +49,37 @@ def _version(t: torch.Tensor) -> int | None:
 _last: tuple | None = None  # (kv_start, version, kv_end, version, shape key, BlockMask)
 
 
-def block_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, q_len: int, kv_len: int):
-    """The BlockMask of the ranges [B, Sq] over kv_len keys (the last one reused in eager mode)."""
+_BLOCK = 128  # FlexAttention's default sparse block (query and key)
+
+
+def _rows_per_block(lo: torch.Tensor, hi: torch.Tensor, q_blocks: int, kv_blocks: int) -> torch.Tensor:
+    """int32 [B, q_blocks, kv_blocks]: how many rows of each query block have key block j in their
+    block interval [lo, hi) (rows past Sq, and rows with hi <= lo, count nowhere). A difference
+    array per query block: +1 at lo, -1 at hi, then a running sum."""
+    b, sq = lo.shape
+    pad = q_blocks * _BLOCK - sq
+    valid = F.pad(hi > lo, (0, pad)).view(b, q_blocks, _BLOCK)
+    lo, hi = (F.pad(x, (0, pad)).view(b, q_blocks, _BLOCK) for x in (lo, hi))
+    ones = valid.to(torch.int32)
+    delta = torch.zeros((b, q_blocks, kv_blocks + 1), dtype=torch.int32, device=lo.device)
+    delta.scatter_add_(2, torch.where(valid, lo, 0), ones)
+    delta.scatter_add_(2, torch.where(valid, hi, 0), -ones)
+    return delta.cumsum(2, dtype=torch.int32)[..., :kv_blocks]
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks per row, their indices first), as create_block_mask orders them."""
+    dense = dense.to(torch.int32)[:, None]  # one head: [B, 1, q_blocks, kv_blocks]
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
+def block_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, q_len: int, kv_len: int) -> BlockMask:
+    """The BlockMask of the ranges [B, Sq] over kv_len keys: the one ``create_block_mask`` builds from
+    the mask_mod ``kv_start[b, i] <= key < kv_end[b, i]`` (a test checks that they are equal), built
+    from the ranges directly: O(B·Sq + blocks) tensor operations instead of evaluating the mask_mod at
+    all B·Sq·Skv points through vmap (which also cannot run under dispatch modes: opcheck, sync
+    counters). The last one is reused in eager mode (module docstring)."""
     global _last
     compiling = torch.compiler.is_compiling()
     key = (tuple(kv_start.shape), q_len, kv_len, kv_start.device)
@@ -57,10 +89,28 @@ def block_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, q_len: int, kv_len:
             if start_version == _version(kv_start) and end_version == _version(kv_end):
                 return mask
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= kv_start[b, q_idx]) & (kv_idx < kv_end[b, q_idx])
+    index = torch.ops.aten.index
 
-    mask = create_block_mask(mask_mod, kv_start.shape[0], None, q_len, kv_len, device=kv_start.device)
+    def mask_mod(b, h, q_idx, kv_idx):  # for the partial blocks
+        # aten.index, not kv_start[b, q_idx]: FlexAttention turns tensor subscripts into a higher-order
+        # op that dispatch modes cannot run; eager, vmap and Inductor's lowering treat both alike
+        return (kv_idx >= index(kv_start, [b, q_idx])) & (kv_idx < index(kv_end, [b, q_idx]))
+
+    start = kv_start.clamp(0, kv_len).long()
+    end = torch.maximum(kv_end.clamp(max=kv_len).long(), start)
+    q_blocks, kv_blocks = -(-q_len // _BLOCK), -(-kv_len // _BLOCK)
+    touched = _rows_per_block(start // _BLOCK, -(-end // _BLOCK), q_blocks, kv_blocks) > 0
+    # a block is full when all _BLOCK rows of its query block (so none past Sq) see all its keys
+    full = _rows_per_block(-(-start // _BLOCK), end // _BLOCK, q_blocks, kv_blocks) == _BLOCK
+    partial = touched & ~full
+    mask = BlockMask.from_kv_blocks(
+        *_ordered(partial), *_ordered(full), BLOCK_SIZE=(_BLOCK, _BLOCK), mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len), compute_q_blocks=False,
+    )  # fmt: skip
+    # the backward's transposed tables, from the dense tables at hand (from_kv_blocks would rebuild
+    # them from the ordered ones through vmap)
+    mask.q_num_blocks, mask.q_indices = _ordered(partial.transpose(1, 2))
+    mask.full_q_num_blocks, mask.full_q_indices = _ordered(full.transpose(1, 2))
     if not compiling:
         _last = (kv_start, _version(kv_start), kv_end, _version(kv_end), key, mask)
     return mask
@@ -92,19 +142,29 @@ def _attend_gated(q, k, v, mask, keep, tanh_gate, scale: float, gqa: bool):
     return out if tanh_gate is None else out * tanh_gate
 
 
-# FlexAttention is fast only compiled; the where and the gate fuse into one kernel after it.
-_attend_gated_compiled = torch.compile(_attend_gated)
-_attend_compiled = torch.compile(_attend)
+_compiled: dict = {}
 
 
-def _run(fn_cuda, fn_eager, device: torch.device, *args):
+def _compiled_version(fn):
+    """``torch.compile(fn)``, made on first use (importing this module stays cheap). FlexAttention is
+    fast only compiled; the where and the gate fuse into one kernel after it."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def _run(fn, device: torch.device, *args):
     if device.type == "cuda":
-        return fn_cuda(*args)
+        # inside a torch.compile trace, the caller's compilation covers FlexAttention already
+        return fn(*args) if torch.compiler.is_compiling() else _compiled_version(fn)(*args)
+    # CPU: forward only (the caller checked that no gradient is recorded); FlexAttention refuses CPU
+    # tensors that require grad even under no_grad, so they go in detached
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     if torch.compiler.is_compiling():
-        return fn_eager(*args)
+        return fn(*args)
     with warnings.catch_warnings():  # eager on CPU is the point here, not an oversight
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return fn_eager(*args)
+        return fn(*args)
 
 
 def _keep(kv_start, kv_end, kv_len: int) -> torch.Tensor:
@@ -144,7 +204,7 @@ def attention(
     keep = _keep(kv_start, kv_end, skv)
     tanh_gate = None if gate is None else torch.tanh(gate.reshape(())).to(q.dtype)
     gqa = hq != k.shape[2]
-    return _run(_attend_gated_compiled, _attend_gated, q.device, q, k, v, mask, keep, tanh_gate, scale, gqa)
+    return _run(_attend_gated, q.device, q, k, v, mask, keep, tanh_gate, scale, gqa)
 
 
 def forward_with_lse(q, k, v, kv_start, kv_end, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +216,6 @@ def forward_with_lse(q, k, v, kv_start, kv_end, scale: float) -> tuple[torch.Ten
         return _empty_output(q), torch.full((b, hq, sq), float("inf"), device=q.device)
     mask = block_mask(kv_start, kv_end, sq, skv)
     keep = _keep(kv_start, kv_end, skv)
-    out, lse = _run(_attend_compiled, _attend, q.device, q, k, v, mask, keep, scale, hq != k.shape[2], True)
+    out, lse = _run(_attend, q.device, q, k, v, mask, keep, scale, hq != k.shape[2], True)
     lse = torch.where(keep[:, None, :], lse.float() * LOG2E, float("inf"))
     return out, lse.contiguous()

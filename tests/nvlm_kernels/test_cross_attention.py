@@ -1,24 +1,35 @@
 """gated_cross_attention, cross_attention_ranges and ranges_from_mask.
 
 The attention oracle is a dense-mask attention written here (float64 for ``hi``, the kernel's dtype
-for ``lo``); kernels must satisfy FlashAttention's rule for the output and every gradient (gate
-included). The layout policies are checked against masks written row by row from each policy's
-rule, and the Mllama policy also against a mask built the way Hugging Face's Mllama processor
-builds it (sparse per-image spans, expanded per tile).
+for ``lo``); every backend (our Triton kernels, the reference, the sdpa and flex peers) must satisfy
+FlashAttention's rule for the output and every gradient (gate included). The layout policies are
+checked against masks written row by row from each policy's rule, and the Mllama policy also
+against a mask built the way Hugging Face's Mllama processor builds it (sparse per-image spans,
+expanded per tile).
+
+The GPU-path defects of issue 14 have host tests here: ranges read through their strides (a [B, 1]
+decode slice, a transposed view), no host sync in decode / repeated prefill / the op itself (a
+dispatch mode that counts them, inside our ops too), autotuning keyed on length buckets, 1-D grids
+past 65535 batch·heads, and the device guard around every launch (the last three with recording
+stand-ins for the Triton kernels, on meta tensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nvlm_kernels as nk
+from nvlm_kernels import _backend, _device
 from nvlm_kernels.cross_attention import gated_cross_attention_bwd_op, gated_cross_attention_op
 from nvlm_kernels.testing import assert_close_flash, require_backend
 
 OP = "gated_cross_attention"
+CPU_BACKENDS = ["reference", "triton", "sdpa", "flex"]  # every backend that can run on CPU tensors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,8 +165,9 @@ def test_zero_gate_still_has_a_gradient(device):
 @pytest.mark.parametrize("skv", [200, 700])  # 700: the key range is split across programs
 def test_decode_matches_prefill(device, skv):
     """Sq = 1 runs the decode kernel, with or without autograd; with autograd the backward kernels
-    run from the decode kernel's log-sum-exp and ungated output. The general forward kernel runs
-    the same rows as a two-row prefill."""
+    run from the decode kernel's log-sum-exp and ungated output (checked where the range is split
+    across programs, so the merged log-sum-exp is what they use). The general forward kernel runs the
+    same rows as a two-row prefill."""
     require_backend(OP, "triton", device)
     gen = torch.Generator().manual_seed(skv)
     b, hq, hkv, d = 5, 16, 2, 64
@@ -166,26 +178,31 @@ def test_decode_matches_prefill(device, skv):
     gate = torch.tensor([0.3], device=device, dtype=torch.float16)
     with torch.no_grad(), nk.use_backend("triton"):
         decoded = nk.gated_cross_attention(q, k, v, start, end, gate)  # the decode kernel
-        prefill = nk.gated_cross_attention(q.repeat(1, 2, 1, 1), k, v, start.repeat(1, 2), end.repeat(1, 2), gate)
-    leaves = [x.detach().float().requires_grad_() for x in (q, k, v, gate)]
+    hi = oracle(q.cpu().double(), k.cpu().double(), v.cpu().double(), start, end, gate.cpu().double(), d**-0.5)
+    lo = oracle(q.cpu(), k.cpu(), v.cpu(), start.cpu(), end.cpu(), gate.cpu(), d**-0.5, low=True)
+    assert_close_flash(decoded.cpu(), lo, hi, name="decode")
+    assert torch.equal(decoded[2], torch.zeros_like(decoded[2]))
+    if skv < 700:
+        with torch.no_grad(), nk.use_backend("triton"):
+            prefill = nk.gated_cross_attention(q.repeat(1, 2, 1, 1), k, v, start.repeat(1, 2), end.repeat(1, 2), gate)
+        for i in range(2):
+            assert_close_flash(prefill[:, i : i + 1].cpu(), lo, hi, name="prefill")
+        return
+    q, k, v = q[:, :, :4], k[:, :, :1], v[:, :, :1]  # GQA 4 here: the interpreter's backward is slow
     mine = [x.detach().clone().requires_grad_() for x in (q, k, v, gate)]
     with nk.use_backend("triton"):
         with_grad = nk.gated_cross_attention(*mine[:3], start, end, mine[3])  # decode kernel + backward
+    assert torch.equal(with_grad.detach(), decoded[:, :, :4])
     grad = torch.randn(with_grad.shape, generator=gen).to(device, torch.float16)
     grads = torch.autograd.grad(with_grad, mine, grad)
-    hi_in = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    hi_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, gate)]
     hi = oracle(*hi_in[:3], start.cpu(), end.cpu(), hi_in[3], d**-0.5)
-    hi_grads = torch.autograd.grad(hi, hi_in, grad.cpu().double())
     lo_in = [x.detach().cpu().clone().requires_grad_() for x in (q, k, v, gate)]
     lo = oracle(*lo_in[:3], start.cpu(), end.cpu(), lo_in[3], d**-0.5, low=True)
+    hi_grads = torch.autograd.grad(hi, hi_in, grad.cpu().double())
     lo_grads = torch.autograd.grad(lo, lo_in, grad.cpu())
-    assert_close_flash(decoded.cpu(), lo, hi, name="decode")
-    assert_close_flash(with_grad.detach().cpu(), lo, hi, name="decode with autograd")
-    for i in range(2):
-        assert_close_flash(prefill[:, i : i + 1].cpu(), lo, hi, name="prefill")
     for name, g, g_lo, g_hi in zip("qkvg", grads, lo_grads, hi_grads, strict=True):
         assert_close_flash(g.cpu(), g_lo, g_hi, name=f"d{name}", floor=1e-4 if name == "g" else 1e-5)
-    assert torch.equal(decoded[2], torch.zeros_like(decoded[2]))
 
 
 def test_opcheck_and_compile(device, backend):
@@ -425,3 +442,477 @@ def test_ranges_bad_arguments(kwargs, word):
         nk.cross_attention_ranges(torch.tensor([[15, 3]]), TILES, SQ)
     with pytest.raises(ValueError, match="beyond"):
         nk.cross_attention_ranges(POSITIONS, TILES, SQ, tag_tiles=torch.full((1, SQ), 10))
+
+
+# --------------------------------------------------------------------------------------------------
+# peer backends: sdpa and flex
+
+
+def _peer_inputs(device, dtype, b, sq, skv, hq, hkv, d, with_gate, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(device, dtype)
+    k, v = (torch.randn(b, skv, hkv, d, generator=gen).to(device, dtype) for _ in range(2))
+    start, end = (x.to(device) for x in random_ranges(b, sq, skv, seed))
+    gate = torch.tensor([-0.8], device=device, dtype=dtype) if with_gate else None
+    return q, k, v, start, end, gate
+
+
+def _check_backend_against_oracle(backend, device, dtype, inputs, grads: bool, seed: int = 0):
+    """Output (and with ``grads`` every gradient) of ``backend`` under the FlashAttention rule against
+    the fp64 oracle; empty rows exactly 0 in the output and in dq."""
+    q, k, v, start, end, gate = inputs
+    leaves = [x for x in (q, k, v, gate) if x is not None]
+    mine = [x.detach().clone().requires_grad_(grads) for x in leaves]
+    gate_mine = mine[3] if gate is not None else None
+    with nk.use_backend(backend), torch.set_grad_enabled(grads):
+        out = nk.gated_cross_attention(*mine[:3], start, end, gate_mine)
+    scale = q.shape[-1] ** -0.5
+    hi_in = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    hi = oracle(*hi_in[:3], start.cpu(), end.cpu(), hi_in[3] if gate is not None else None, scale)
+    lo_in = [x.detach().cpu().clone().requires_grad_() for x in leaves]
+    lo = oracle(*lo_in[:3], start.cpu(), end.cpu(), lo_in[3] if gate is not None else None, scale, low=True)
+    empty = (end <= start).cpu()
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.equal(out.detach().cpu()[empty], torch.zeros_like(out.cpu()[empty])), "empty rows must be exactly 0"
+    assert_close_flash(out.detach().cpu(), lo.detach(), hi.detach(), name=f"{backend} output")
+    if not grads:
+        return
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    got = torch.autograd.grad(out, mine, grad)
+    hi_grads = torch.autograd.grad(hi, hi_in, grad.cpu().double())
+    lo_grads = torch.autograd.grad(lo, lo_in, grad.cpu())
+    for name, g, g_lo, g_hi in zip("qkvg", got, lo_grads, hi_grads, strict=False):
+        assert torch.isfinite(g).all(), f"{backend} d{name} is not finite"
+        assert_close_flash(g.cpu(), g_lo, g_hi, name=f"{backend} d{name}", floor=1e-4 if name == "g" else 1e-5)
+    assert torch.equal(got[0].cpu()[empty], torch.zeros_like(got[0].cpu()[empty])), "empty rows: dq exactly 0"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize(
+    "b, sq, skv, hq, hkv, d, with_gate",
+    [
+        (2, 37, 90, 4, 4, 32, True),  # GQA 1
+        (1, 20, 70, 8, 1, 64, False),  # GQA 8, no gate
+    ],
+)
+def test_peer_backends_against_the_fp64_oracle(device, backend, b, sq, skv, hq, hkv, d, with_gate):
+    """fp32 on CPU (flex: forward only, torch has no CPU backward for it); fp16 and bf16 on CUDA."""
+    require_backend(OP, backend, device)
+    dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
+    grads = not (backend == "flex" and device == "cpu")
+    for dtype in dtypes:
+        inputs = _peer_inputs(device, dtype, b, sq, skv, hq, hkv, d, with_gate, seed=sq + skv)
+        _check_backend_against_oracle(backend, device, dtype, inputs, grads=grads, seed=sq)
+
+
+def test_flex_needs_no_gradients_on_cpu():
+    q, k, v, start, end, gate = _peer_inputs("cpu", torch.float32, 1, 9, 20, 2, 1, 32, True, seed=1)
+    q.requires_grad_()
+    with nk.use_backend("flex"), pytest.raises(nk.BackendUnavailableError, match="backward on CPU"):
+        nk.gated_cross_attention(q, k, v, start, end, gate)
+    with nk.use_backend("flex"), torch.no_grad():  # the forward runs
+        assert nk.gated_cross_attention(q, k, v, start, end, gate).shape == q.shape
+    with _backend.record_selections() as calls:  # auto never takes flex on CPU
+        nk.gated_cross_attention(q, k, v, start, end, gate)
+        with torch.no_grad():
+            nk.gated_cross_attention(q, k, v, start, end, gate)
+    assert [c["backend"] for c in calls] == ["sdpa", "sdpa"]
+    assert [c["pass"] for c in calls] == ["fwd+bwd", "fwd"]
+    assert calls[0]["bucket"] == "Sq=16,Skv=32,D=32,G=2,BH=2"
+
+
+def test_backends_are_listed_and_auto_takes_the_default_peer():
+    available = nk.available_backends(OP, "cpu")
+    assert available["sdpa"] is None and available["flex"] is None and available["reference"] is None
+    assert "cuda" not in available or available["cuda"] is not None
+    assert _backend.registered_ops()[OP].default_peer == {"cpu": "sdpa", "cuda": "flex"}
+    q, k, v, start, end, _ = _peer_inputs("cpu", torch.float32, 3, 1, 40, 4, 2, 64, False, seed=2)
+    with _backend.record_selections() as calls:
+        nk.gated_cross_attention(q, k, v, start, end)
+    assert len(calls) == 1 and calls[0]["device"].startswith("cpu")  # the device kind, e.g. "cpu:x86_64"
+    assert {key: value for key, value in calls[0].items() if key != "device"} == {
+        "op": OP, "dtype": "float32", "bucket": "Sq=1,Skv=64,D=64,G=2,BH=16", "pass": "fwd", "backend": "sdpa"
+    }  # the decode bucket: Sq = 1  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_policy_ranges_on_every_backend(backend):
+    """NVLM-X ranges (tags see one tile, text before the image nothing) from the layout builder."""
+    require_backend(OP, backend, "cpu")
+    start, end = nk.cross_attention_ranges(POSITIONS, TILES, SQ, tokens_per_tile=16, tag_tiles=TAGS)
+    gen = torch.Generator().manual_seed(9)
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q = torch.randn(1, SQ, 4, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 160, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    gate = torch.tensor([0.4], dtype=dtype)
+    _check_backend_against_oracle(backend, "cpu", dtype, (q, k, v, start, end, gate), grads=backend != "flex")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_opcheck_peers(backend):
+    """The op with a peer backend: its forward runs the peer, its backward recomputes the peer's
+    forward and differentiates it; lse as the reference writes it. Flex on CPU: forward only."""
+    gen = torch.Generator().manual_seed(5)
+    grads = backend == "sdpa"
+    q = torch.randn(1, 20, 4, 32, generator=gen).requires_grad_(grads)
+    k, v = (torch.randn(1, 30, 2, 32, generator=gen).requires_grad_(grads) for _ in range(2))
+    start, end = random_ranges(1, 20, 30, 2)
+    gate = torch.tensor([0.5], requires_grad=grads)
+    args = (q, k, v, start, end, gate, 0.125)
+    # FlexAttention's eager (CPU) implementation evaluates the mask through vmap, which the dispatch
+    # modes of opcheck's schema, fake-tensor and AOT tests cannot follow ("Cannot access storage of
+    # BatchedTensorImpl", inside torch): on CPU flex gets the registration test, and the checks below
+    utils = ("test_autograd_registration",) if backend == "flex" else "ALL"
+    torch.library.opcheck(gated_cross_attention_op, (*args, backend), test_utils=utils)
+    out, lse, ungated = gated_cross_attention_op(*args, backend)
+    ref = gated_cross_attention_op(*args, "reference")
+    torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=1e-5)  # base 2, +inf for empty rows
+    torch.testing.assert_close(ungated, ref[2], atol=1e-5, rtol=1e-5)
+    plain = [x.detach() for x in (torch.randn_like(out), q, k, v)]
+    bwd_args = (*plain, start, end, gate.detach(), out.detach(), lse, ungated)
+    if backend == "flex":
+        with pytest.raises(nk.BackendUnavailableError, match="backward on CPU"):
+            gated_cross_attention_bwd_op(*bwd_args, 0.125, backend)
+        return
+    torch.library.opcheck(gated_cross_attention_bwd_op, (*bwd_args, 0.125, backend))
+    got = gated_cross_attention_bwd_op(*bwd_args, 0.125, backend)
+    expected = gated_cross_attention_bwd_op(*bwd_args, 0.125, "reference")
+    for name, a, e in zip(["dq", "dk", "dv", "dgate"], got, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_compile_fullgraph_through_auto():
+    """Auto (sdpa on CPU) under torch.compile(fullgraph=True): no graph break (the host check of the
+    range values is not traced), same values and gradients as eager."""
+    q, k, v, start, end, gate = _peer_inputs("cpu", torch.float32, 2, 24, 50, 4, 2, 32, True, seed=3)
+    leaves = [x.requires_grad_() for x in (q, k, v, gate)]
+    torch._dynamo.reset()
+    with _backend.record_selections() as calls:
+        compiled = torch.compile(
+            lambda *a: nk.gated_cross_attention(*a).square().sum(), fullgraph=True, backend="aot_eager"
+        )
+        compiled(q, k, v, start, end, gate).backward()
+    assert {c["backend"] for c in calls} == {"sdpa"}
+    got = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    nk.gated_cross_attention(q, k, v, start, end, gate).square().sum().backward()
+    for a, x in zip(got, leaves, strict=True):
+        torch.testing.assert_close(a, x.grad, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 14: ranges through their strides, clamped everywhere
+
+
+def _small(dtype, b=3, sq=9, skv=70, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, 4, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(b, skv, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def _run(backend, q, k, v, start, end, gate, grads: bool):
+    """(output, gradients of q, k, v, gate or ()) through the public function on ``backend``."""
+    leaves = [x.detach().clone().requires_grad_(grads) for x in (q, k, v, gate)]
+    with nk.use_backend(backend), torch.set_grad_enabled(grads):
+        out = nk.gated_cross_attention(*leaves[:3], start, end, leaves[3])
+    if not grads:
+        return out, ()
+    return out, torch.autograd.grad(out.float().square().sum(), leaves)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_ranges(backend):
+    """Ranges read through their strides: a [B, 1] column of a [B, S] tensor (what the decode cache
+    keeps; row stride S), and [B, Sq] views with different strides for kv_start (transposed) and
+    kv_end (a slice of a wider tensor). Each must equal the same backend on contiguous copies, and
+    the oracle. (The Triton kernels used to read them as contiguous: row b read row 0's neighbours.)"""
+    require_backend(OP, backend, "cpu")
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    grads = backend != "flex"
+    b, sq, skv = 3, 9, 70
+    gen = torch.Generator().manual_seed(11)
+    gate = torch.tensor([0.6], dtype=dtype)
+    starts = torch.randint(0, 30, (b, sq), generator=gen, dtype=torch.int32)
+    ends = starts + torch.randint(1, 40, (b, sq), generator=gen, dtype=torch.int32)
+    starts[1, 3], ends[1, 3] = 12, 12  # an empty row
+    starts[:, -1] = torch.tensor([0, 20, 40], dtype=torch.int32)  # the decode column: a different range per row
+    ends[:, -1] = torch.tensor([10, 64, 41], dtype=torch.int32)
+
+    q1, k, v = _small(dtype, b, 1, skv, seed=1)
+    column = (starts[:, -1:], ends[:, -1:])
+    assert not column[0].is_contiguous() and column[0].stride() == (sq, 1)
+    q, _, _ = _small(dtype, b, sq, skv, seed=2)
+    transposed = starts.t().contiguous().t()  # [B, Sq] with strides (1, B)
+    wide = torch.zeros(b, sq + 5, dtype=torch.int32)
+    wide[:, 2 : 2 + sq] = ends
+    sliced = wide[:, 2 : 2 + sq]  # [B, Sq] with row stride Sq + 5
+    assert transposed.stride() == (1, b) and sliced.stride() == (sq + 5, 1)
+
+    cases = [(q1, column, False), (q, (transposed, sliced), grads)]  # decode (no autograd: the decode kernel)
+    if grads:
+        cases.append((q1, column, True))  # decode with autograd: decode kernel, then the backward kernels
+    for query, (s, e), with_grads in cases:
+        got, got_grads = _run(backend, query, k, v, s, e, gate, with_grads)
+        want, want_grads = _run(backend, query, k, v, s.contiguous(), e.contiguous(), gate, with_grads)
+        assert torch.equal(got, want), f"{backend}: output differs with strided ranges {s.stride()}, {e.stride()}"
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert torch.equal(g, w), f"{backend}: gradient differs with strided ranges"
+        hi = oracle(query.double(), k.double(), v.double(), s, e, gate.double(), 64**-0.5)
+        lo = oracle(query, k, v, s, e, gate, 64**-0.5, low=True)
+        assert_close_flash(got.detach(), lo, hi, name=f"{backend} strided")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_of_range_values_are_clamped(backend):
+    """No backend ever reads outside the keys: ranges past [0, Skv] behave as if clamped into it, in
+    decoding (where the public function does not check the values) and through the op itself
+    (which never checks them: it runs inside compiled graphs)."""
+    require_backend(OP, backend, "cpu")
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    skv = 70
+    q1, k, v = _small(dtype, 3, 1, skv, seed=4)
+    start = torch.tensor([[-5], [60], [-3]], dtype=torch.int32)
+    end = torch.tensor([[skv + 9], [skv + 100], [-1]], dtype=torch.int32)  # the last is empty once clamped
+    clamped_start = start.clamp(0, skv)
+    clamped_end = torch.maximum(end.clamp(max=skv), clamped_start)
+    with torch.no_grad(), nk.use_backend(backend):
+        got = nk.gated_cross_attention(q1, k, v, start, end)
+        want = nk.gated_cross_attention(q1, k, v, clamped_start, clamped_end)
+    assert torch.equal(got, want) and torch.equal(got[2], torch.zeros_like(got[2]))
+    if backend == "flex":
+        return  # the op path of a peer is covered by test_opcheck_peers
+    q, _, _ = _small(dtype, 3, 4, skv, seed=5)
+    wide_start, wide_end = start.repeat(1, 4), end.repeat(1, 4)
+    got = gated_cross_attention_op(q, k, v, wide_start, wide_end, None, 0.125, backend)[0]
+    want = gated_cross_attention_op(q, k, v, clamped_start.repeat(1, 4), clamped_end.repeat(1, 4), None, 0.125,
+                                    backend)[0]  # fmt: skip
+    assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 14: no host sync in decode, repeated prefill, compiled graphs (the op) or captured graphs
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that bring a device value to the host (a device sync on a GPU; the same calls on a
+    CPU), including inside our custom ops (whose implementation a dispatch mode does not see by
+    itself: it is re-run with the mode on) and inside higher-order ops (FlexAttention)."""
+
+    supports_higher_order_operators = True
+    aten = torch.ops.aten
+    SYNCS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default, aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            with self:
+                return func.dispatch(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if func in self.SYNCS:
+            self.syncs.append(str(func))
+        if func.namespace == "nvlm_kernels":
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            key = torch._C.DispatchKey.CUDA if any(t.is_cuda for t in tensors) else torch._C.DispatchKey.CPU
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _flex_under_a_dispatch_mode(backend, monkeypatch):
+    """Eager FlexAttention compiles its higher-order op with dynamo, which does not run under a
+    dispatch mode; its debug switch calls the op directly (the same dense CPU implementation)."""
+    if backend == "flex":
+        import torch.nn.attention.flex_attention as flex_module
+
+        from nvlm_kernels.cross_attention import flex
+
+        monkeypatch.setattr(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
+        flex.clear_cache()  # count the BlockMask construction too
+    yield
+
+
+def test_sync_counter_sees_inside_our_ops(monkeypatch):
+    from nvlm_kernels.cross_attention import reference
+
+    plain = reference.attention_fwd
+
+    def with_a_sync(q, *args):
+        q.sum().item()
+        return plain(q, *args)
+
+    monkeypatch.setattr(reference, "attention_fwd", with_a_sync)
+    q, k, v = _small(torch.float32, 3, 1, 40)
+    start, end = torch.zeros(3, 1, dtype=torch.int32), torch.full((3, 1), 40, dtype=torch.int32)
+    with SyncCounter() as counter, nk.use_backend("reference"):
+        nk.gated_cross_attention(q, k, v, start, end)
+    assert counter.syncs == ["aten.item.default"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_host_sync_in_decode_or_repeated_prefill(backend, monkeypatch):
+    """Decode steps (Sq = 1, batch 3, ranges a [B, 1] column of a [B, S] tensor), a second prefill
+    with the same range tensors, a prefill with ranges from cross_attention_ranges, and the op
+    itself (what compiled graphs run) make no host sync. (Before: bool(bad.any()) on every call
+    and int(max range) in every decode step.)"""
+    require_backend(OP, backend, "cpu")
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    grads = backend not in ("flex",)
+    skv = 70
+    gate = torch.tensor([0.3], dtype=dtype)
+    starts = torch.tensor([[0, 5, 0], [3, 9, 20], [7, 7, 7]], dtype=torch.int32)
+    ends = torch.tensor([[10, 30, 70], [40, 50, 64], [7, 8, 7]], dtype=torch.int32)
+    q1, k, v = _small(dtype, 3, 1, skv, seed=6)
+    q, _, _ = _small(dtype, 3, 3, skv, seed=7)
+    nk.gated_cross_attention(q, k, v, starts, ends, gate)  # the first prefill checks the values: one sync
+    positions, tiles = torch.tensor([[0], [1], [2]]), torch.tensor([[2], [1], [3]])
+    trusted = nk.cross_attention_ranges(positions, tiles, 3, tokens_per_tile=16)
+    with _flex_under_a_dispatch_mode(backend, monkeypatch), SyncCounter() as counter, nk.use_backend(backend):
+        with torch.no_grad():
+            for _ in range(2):
+                nk.gated_cross_attention(q1, k, v, starts[:, -1:], ends[:, -1:], gate)
+            nk.gated_cross_attention(q, k, v, starts, ends, gate)
+            nk.gated_cross_attention(q, k, v, *trusted, gate)
+        if grads:
+            leaf = q.clone().requires_grad_()
+            nk.gated_cross_attention(leaf, k, v, starts, ends, gate).float().sum().backward()
+        if backend != "flex":
+            gated_cross_attention_op(q, k, v, ends, starts, gate, 0.125, backend)  # bad ranges: clamped, not checked
+    assert counter.syncs == []
+
+
+def test_range_values_are_checked_once_per_tensor():
+    """The host check runs once per range tensor; an in-place edit makes it run again (and catch a
+    bad value); ranges from cross_attention_ranges are trusted until edited."""
+    q, k, v = _small(torch.float32, 2, 4, 20)
+    start = torch.zeros(2, 4, dtype=torch.int32)
+    end = torch.full((2, 4), 20, dtype=torch.int32)
+    nk.gated_cross_attention(q, k, v, start, end)
+    with SyncCounter() as counter:
+        nk.gated_cross_attention(q, k, v, start, end)
+    assert counter.syncs == []
+    end[1, 2] = 21
+    with pytest.raises(ValueError, match=re.escape("kv_start/kv_end[1, 2] = [0, 21)")):
+        nk.gated_cross_attention(q, k, v, start, end)
+    with pytest.raises(ValueError, match=re.escape("kv_start/kv_end[1, 2] = [0, 21)")):
+        nk.gated_cross_attention(q, k, v, start, end)  # still bad: never remembered as checked
+    start, end = nk.cross_attention_ranges(torch.tensor([[1], [0]]), torch.tensor([[1], [1]]), 4, tokens_per_tile=20)
+    with SyncCounter() as counter:
+        nk.gated_cross_attention(q, k, v, start, end)
+    assert counter.syncs == []
+    start[0, 0] = -1
+    with pytest.raises(ValueError, match=re.escape("[-1, 0)")):
+        nk.gated_cross_attention(q, k, v, start, end)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 14: autotune keys, grids, device guard (host tests with recording stand-ins for the kernels)
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the grid (with the
+    smallest blocks the tables use), the arguments by name and whether a device guard was active."""
+
+    def __init__(self, name, real, calls, guard):
+        self.name, self.calls, self.guard = name, calls, guard
+        self.arg_names = real.arg_names if hasattr(real, "arg_names") else real.fn.arg_names
+        self.keys = getattr(real, "keys", None)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.arg_names, args, strict=False)) | kwargs
+            meta = {"BLOCK_M": 16, "BLOCK_N": 16, **named}
+            self.calls.append(
+                {"kernel": self.name, "grid": grid(meta) if callable(grid) else grid, "args": named,
+                 "key": [named[k] for k in self.keys] if self.keys else None, "guarded": bool(self.guard)}
+            )  # fmt: skip
+
+        return launch
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Replaces every cross-attention kernel by a _RecordingKernel and ``_device.device_guard`` by one
+    that records its tensor; yields (launches, guarded tensors)."""
+    from nvlm_kernels.cross_attention import triton as xt
+
+    calls, guards, active = [], [], []
+
+    @contextlib.contextmanager
+    def guard(x):
+        guards.append(x)
+        active.append(True)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(_device, "device_guard", guard)
+    for name in ("_xattn_fwd_kernel", "_xattn_bwd_rowsum_kernel", "_xattn_bwd_dq_kernel", "_xattn_bwd_dkdv_kernel",
+                 "_xattn_decode_kernel", "_xattn_decode_combine_kernel"):  # fmt: skip
+        monkeypatch.setattr(xt, name, _RecordingKernel(name, getattr(xt, name), calls, active))
+    return xt, calls, guards
+
+
+def _launch_all(xt, b, sq, skv, hq, hkv, d=64):
+    """Every launcher on meta tensors (shapes only: nothing is allocated or computed)."""
+    meta = dict(device="meta", dtype=torch.float16)
+    q, do = torch.empty(b, sq, hq, d, **meta), torch.empty(b, sq, hq, d, **meta)
+    k, v = torch.empty(b, skv, hkv, d, **meta), torch.empty(b, skv, hkv, d, **meta)
+    start = torch.empty(b, sq, device="meta", dtype=torch.int32)
+    gate = torch.empty(1, device="meta", dtype=torch.float32)
+    out, lse, ungated = xt.attention_fwd(q, k, v, start, start, gate, 0.1, True)
+    xt.attention_bwd(do, q, k, v, start, start, gate, out, lse, ungated, 0.1)
+    xt.attention_decode(q[:, :1], k, v, start[:, :1], start[:, :1], gate, 0.1, True)
+    return q
+
+
+def test_grids_are_one_dimensional_past_65535_batch_heads(recorded_launches):
+    """B·Hq = 1100·64 = 70400 programs' rows: over the 65535 limit of grid axis 1, where the launches
+    used to put them. Every grid is 1-D (``flat_grid``) and has exactly blocks × rows programs."""
+    xt, calls, _ = recorded_launches
+    b, sq, skv, hq, hkv = 1100, 40, 300, 64, 8
+    _launch_all(xt, b, sq, skv, hq, hkv)
+    expected = {
+        "_xattn_fwd_kernel": -(-sq // 16) * b * hq,
+        "_xattn_bwd_rowsum_kernel": -(-sq // 64) * b * hq,
+        "_xattn_bwd_dq_kernel": -(-sq // 16) * b * hq,
+        "_xattn_bwd_dkdv_kernel": -(-skv // 16) * b * hkv,
+        "_xattn_decode_kernel": xt.decode_splits(b * hkv, skv, torch.device("meta")) * b * hkv,
+        "_xattn_decode_combine_kernel": b * hq,
+    }
+    assert {c["kernel"]: tuple(c["grid"]) for c in calls} == {name: (n,) for name, n in expected.items()}
+    for c in calls:
+        _device.check_grid(tuple(c["grid"]))
+
+
+def test_every_launch_enters_the_tensors_device(recorded_launches):
+    xt, calls, guards = recorded_launches
+    q = _launch_all(xt, 2, 20, 50, 4, 2)
+    assert len(calls) == 6 and all(c["guarded"] for c in calls), [c["kernel"] for c in calls if not c["guarded"]]
+    assert all(g.device == q.device for g in guards)
+
+
+def test_autotuning_keys_on_length_buckets(recorded_launches):
+    """Two (text length, image tokens) pairs in the same power-of-two buckets share the autotuner's
+    key (the tuned configuration), so a new pair does not benchmark every configuration again."""
+    xt, calls, _ = recorded_launches
+    for name in ("_xattn_fwd_kernel", "_xattn_bwd_dq_kernel", "_xattn_bwd_dkdv_kernel"):
+        assert getattr(xt, name).keys == ["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "GROUP"]
+    _launch_all(xt, 1, 1500, 1300, 4, 2)
+    _launch_all(xt, 1, 2048, 1792, 4, 2)
+    _launch_all(xt, 1, 2049, 1792, 4, 2)
+    keys = {}
+    for c in calls:
+        if c["key"] is not None:
+            keys.setdefault(c["kernel"], []).append(c["key"])
+    for name, (first, second, third) in keys.items():
+        assert first == second == [2048, 2048, 64, 2], name
+        assert third == [4096, 2048, 64, 2], name
+    assert xt.seq_bucket(1) == 16 and xt.seq_bucket(17) == 32
