@@ -72,6 +72,7 @@ def cross_attention_ranges(
     tokens_per_tile: int = 256,
     tag_tokens_per_tile: int = 0,
     attend_all_previous: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv_start, kv_end), int32 [B, num_text_tokens], for ``gated_cross_attention``.
 
@@ -88,6 +89,11 @@ def cross_attention_ranges(
         tag_tokens_per_tile: nvlm-h only: tag-embedding keys before each tile.
         attend_all_previous: nvlm-x / nvlm-h / flamingo: text sees every image so far, not only
             the most recent one.
+        validate: check the values of image_positions, tiles_per_image and tag_tiles (ValueError
+            naming the rule broken): one device->host transfer. False skips it, for a caller that
+            has checked them already (the model's input check), so that building the ranges makes
+            no host sync; the ranges are well formed (0 <= start <= end) either way, and every
+            gated_cross_attention backend clamps them into [0, Skv].
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -110,15 +116,21 @@ def cross_attention_ranges(
     batch, _ = positions.shape
     device = positions.device
     present = positions >= 0
-    if bool(((tiles < 0) & present).any()) or bool((present & (positions >= num_text_tokens)).any()):
-        raise ValueError("image_positions must lie in [0, num_text_tokens) and tiles_per_image must be >= 0")
     big = torch.iinfo(torch.long).max
     sorted_positions = torch.where(present, positions, big)
-    if positions.shape[1] > 1 and bool((sorted_positions[:, 1:] < sorted_positions[:, :-1]).any()):
-        raise ValueError("image_positions must increase along each row, with -1 (absent) at the end")
+    problems = [  # (any bad value, what the rule is), checked together in one transfer at the end
+        (
+            ((tiles < 0) & present).any() | (present & (positions >= num_text_tokens)).any(),
+            "image_positions must lie in [0, num_text_tokens) and tiles_per_image must be >= 0",
+        ),
+        (
+            (sorted_positions[:, 1:] < sorted_positions[:, :-1]).any(),
+            "image_positions must increase along each row, with -1 (absent) at the end",
+        ),
+    ]
 
     per_tile = tokens_per_tile + tag_tokens_per_tile
-    tiles = torch.where(present, tiles, 0)
+    tiles = torch.where(present, tiles, 0).clamp(min=0)  # well-formed ranges even when not validated
     kv_len = tiles * per_tile
     kv_end_of_image = kv_len.cumsum(1)
     kv_start_of_image = kv_end_of_image - kv_len
@@ -150,11 +162,15 @@ def cross_attention_ranges(
             raise ValueError(f"tag_tiles is on {tags.device}, image_positions on {device}")
         is_tag = tags >= 0
         total_tiles = tiles.sum(1, keepdim=True)
-        if bool((is_tag & (tags >= total_tiles)).any()):
-            raise ValueError("tag_tiles names a tile beyond the row's tiles")
+        problems.append(((is_tag & (tags >= total_tiles)).any(), "tag_tiles names a tile beyond the row's tiles"))
         start = torch.where(is_tag, tags * per_tile, start)
         end = torch.where(is_tag, (tags + 1) * per_tile, end)
         seen = seen | is_tag
+    if validate:
+        flags = torch.stack([flag for flag, _ in problems]).tolist()  # one transfer for every check
+        for flag, (_, message) in zip(flags, problems, strict=True):
+            if flag:
+                raise ValueError(message)
     start = torch.where(seen, start, 0).to(torch.int32)
     end = torch.where(seen, end, 0).to(torch.int32)
     mark_trusted(start, end)

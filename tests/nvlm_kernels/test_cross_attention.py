@@ -535,6 +535,41 @@ def test_backends_are_listed_and_auto_takes_the_default_peer():
     }  # the decode bucket: Sq = 1  # fmt: skip
 
 
+@pytest.mark.parametrize("b, sq, skv", [(2, 300, 700), (3, 1, 200), (1, 256, 512), (2, 130, 129)])
+def test_flex_block_mask_is_the_one_create_block_mask_builds(b, sq, skv):
+    """flex builds its BlockMask from the ranges directly; it must be exactly the one FlexAttention's
+    create_block_mask makes from the mask_mod (every table, full and partial, both directions),
+    ranges outside [0, Skv] included. It is reused while the same range tensors come back unedited."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from nvlm_kernels.cross_attention import flex
+
+    gen = torch.Generator().manual_seed(sq + skv)
+    a, c = (torch.randint(-20, skv + 20, (b, sq), generator=gen) for _ in range(2))
+    start, end = torch.minimum(a, c).int(), torch.maximum(a, c).int()
+    start[:, ::5], end[:, ::5] = 0, skv  # whole rows: full blocks where a query block has only those
+    start[:, 1::5], end[:, 1::5] = 100, 100  # empty
+    if sq >= 256:
+        start[0, :128], end[0, :128] = 0, 256  # a query block whose every row sees two whole key blocks
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (kv_idx >= start[batch, q_idx]) & (kv_idx < end[batch, q_idx])
+
+    flex.clear_cache()
+    mine = flex.block_mask(start, end, sq, skv)
+    theirs = create_block_mask(mask_mod, b, None, sq, skv, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):  # fmt: skip
+        got, want = getattr(mine, name), getattr(theirs, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert mine.seq_lengths == theirs.seq_lengths and mine.BLOCK_SIZE == theirs.BLOCK_SIZE
+    if sq >= 256:
+        assert int(mine.full_kv_num_blocks.sum()) > 0
+    assert flex.block_mask(start, end, sq, skv) is mine
+    end[0, 0] = 0
+    assert flex.block_mask(start, end, sq, skv) is not mine  # edited in place: built again
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_policy_ranges_on_every_backend(backend):
     """NVLM-X ranges (tags see one tile, text before the image nothing) from the layout builder."""
@@ -699,7 +734,8 @@ def test_out_of_range_values_are_clamped(backend):
 class SyncCounter(TorchDispatchMode):
     """Counts ops that bring a device value to the host (a device sync on a GPU; the same calls on a
     CPU), including inside our custom ops (whose implementation a dispatch mode does not see by
-    itself: it is re-run with the mode on) and inside higher-order ops (FlexAttention)."""
+    itself: it is re-run with the mode on) and inside higher-order ops (FlexAttention); and
+    ``Tensor.tolist``, which reads the data without dispatching an op."""
 
     supports_higher_order_operators = True
     aten = torch.ops.aten
@@ -708,6 +744,17 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs: list[str] = []
+        self._tolist = None
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        tolist, syncs = self._tolist, self.syncs
+        torch.Tensor.tolist = lambda t: syncs.append("Tensor.tolist") or tolist(t)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -782,9 +829,27 @@ def test_no_host_sync_in_decode_or_repeated_prefill(backend, monkeypatch):
         if grads:
             leaf = q.clone().requires_grad_()
             nk.gated_cross_attention(leaf, k, v, starts, ends, gate).float().sum().backward()
-        if backend != "flex":
-            gated_cross_attention_op(q, k, v, ends, starts, gate, 0.125, backend)  # bad ranges: clamped, not checked
     assert counter.syncs == []
+    if backend != "flex":  # the op checks no values (it runs inside compiled graphs): bad ranges are clamped
+        with SyncCounter() as counter:
+            gated_cross_attention_op(q, k, v, ends, starts, gate, 0.125, backend)
+        assert counter.syncs == []
+
+
+def test_ranges_builder_checks_in_one_transfer_or_none():
+    """cross_attention_ranges checks its inputs in one device->host transfer, or in none with
+    validate=False (for a caller that has checked them: the model's decode and prefill make no other
+    sync); unchecked bad inputs still give well-formed ranges."""
+    kwargs = dict(tokens_per_tile=TPT, tag_tiles=TAGS)
+    with SyncCounter() as counter:
+        checked = nk.cross_attention_ranges(POSITIONS, TILES, SQ, **kwargs)
+    assert counter.syncs == ["Tensor.tolist"]
+    with SyncCounter() as counter:
+        unchecked = nk.cross_attention_ranges(POSITIONS, TILES, SQ, validate=False, **kwargs)
+    assert counter.syncs == []
+    assert all(torch.equal(a, b) for a, b in zip(checked, unchecked, strict=True))
+    start, end = nk.cross_attention_ranges(torch.tensor([[15, 3]]), torch.tensor([[-2, 3]]), SQ, validate=False)
+    assert bool((start >= 0).all()) and bool((start <= end).all())
 
 
 def test_range_values_are_checked_once_per_tensor():
@@ -793,7 +858,9 @@ def test_range_values_are_checked_once_per_tensor():
     q, k, v = _small(torch.float32, 2, 4, 20)
     start = torch.zeros(2, 4, dtype=torch.int32)
     end = torch.full((2, 4), 20, dtype=torch.int32)
-    nk.gated_cross_attention(q, k, v, start, end)
+    with SyncCounter() as counter:
+        nk.gated_cross_attention(q, k, v, start, end)
+    assert counter.syncs == ["Tensor.tolist"]  # the check: one transfer
     with SyncCounter() as counter:
         nk.gated_cross_attention(q, k, v, start, end)
     assert counter.syncs == []
