@@ -2,21 +2,23 @@
 
 The BlockMask is the one ``create_block_mask`` makes from a mask_mod that reads the ranges
 (``kv_start[b, i] <= key < kv_end[b, i]``, i.e. the ranges clamped into [0, Skv] as every backend
-does): FlexAttention then skips the key blocks no row of a query block sees, computes the blocks
-every row sees without a mask and applies the mask_mod only in the others. Since each row's keys
-are one interval, the block tables come straight from the ranges (``block_mask``), without
-evaluating the mask_mod at every (row, key). GQA through
-``enable_gqa``; the tanh gate and the zeroing of empty rows (FlexAttention already gives them 0;
-the ``where`` keeps that exact for every gradient too) run after it, in one fused kernel on CUDA.
+does; a test checks that the two are equal): FlexAttention skips the key blocks no row of a query
+block sees, computes the blocks every row sees whole without a mask, and applies the mask_mod only
+in the others. Since each row's keys are one interval, ``block_mask`` makes the block tables straight
+from the ranges, with O(B·Sq + blocks) tensor operations, instead of evaluating the mask_mod at all
+B·Sq·Skv points through vmap as ``create_block_mask`` does (which also cannot run under dispatch
+modes). In eager mode the last BlockMask is kept and reused while the same range tensors come back
+unmodified (same objects, same version counters) at the same shapes: the cross-attention layers of
+one forward, or the steps of one decode, share it. Tensors made under ``torch.inference_mode`` have
+no version counter: an in-place edit of such a range tensor between two calls goes unnoticed (pass a
+new tensor, or call ``clear_cache()``).
 
-On CUDA, FlexAttention runs compiled (``torch.compile`` of this module's attention step, made on
-first use; eager FlexAttention materializes the whole score matrix). On CPU it runs eagerly, forward only: torch 2.13's
-FlexAttention has no CPU backward, so a CPU call that records gradients raises
-``BackendUnavailableError`` (``auto`` never picks flex on CPU).
-
-Building the BlockMask costs a pass over the [B, Sq, Skv] mask. In eager mode the last one is kept
-and reused while the same range tensors come back unmodified (same objects, same version counters)
-at the same shapes: the cross-attention layers of one forward, or the steps of one decode, share it.
+GQA through ``enable_gqa``; the tanh gate and the zeroing of empty rows (FlexAttention already gives
+them 0; the ``where`` keeps that exact, with zero gradients) run after it, fused into one kernel on
+CUDA. On CUDA, FlexAttention runs compiled (``torch.compile`` of this module's attention step, made
+on first use; eager FlexAttention materializes the whole score matrix). On CPU it runs eagerly,
+forward only: torch 2.13's FlexAttention has no CPU backward, so a CPU call that records gradients
+raises ``BackendUnavailableError`` (``auto`` never picks flex on CPU).
 """
 
 from __future__ import annotations

@@ -637,6 +637,19 @@ def test_compile_fullgraph_through_auto():
         torch.testing.assert_close(a, x.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_compiles_fullgraph():
+    """The flex peer (BlockMask built from the ranges inside the graph) under torch.compile(fullgraph=True):
+    forward on CPU, as FlexAttention's CPU backward does not exist."""
+    q, k, v, start, end, gate = _peer_inputs("cpu", torch.float32, 2, 40, 150, 4, 2, 32, True, seed=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(nk.gated_cross_attention, fullgraph=True, backend="aot_eager")
+    with nk.use_backend("flex"), torch.no_grad():
+        got = compiled(q, k, v, start, end, gate)
+    with nk.use_backend("reference"):
+        want = nk.gated_cross_attention(q, k, v, start, end, gate)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # issue 14: ranges through their strides, clamped everywhere
 
