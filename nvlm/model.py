@@ -141,15 +141,18 @@ class NVLM(nn.Module):
             inputs.image_token_mask.sum(),
             mask.to(torch.bool).all() if mask is not None else ids.new_ones((), dtype=torch.bool),
         ]
+        if cfg.variant != "D" and tiles is not None:  # what cross_attention_ranges would check, in this transfer
+            scalars += self._layout_problems(inputs, ids.shape[1])
         parts = [torch.stack([x.to(device=device, dtype=torch.long) for x in scalars])]
         if tiles is not None:
             parts.append(tiles.reshape(-1).to(device=device, dtype=torch.long))
         host = torch.cat(parts).tolist()  # the one device -> host transfer
         ids_min, ids_max, slots, all_real = host[:4]
+        layout = host[4 : len(scalars)]
         tile_rows = None
         if tiles is not None:
             width = tiles.shape[1] if tiles.dim() == 2 else 0
-            flat = host[4:]
+            flat = host[len(scalars) :]
             tile_rows = [flat[i : i + width] for i in range(0, len(flat), width)] if width else []
         if ids.numel() and (ids_min < 0 or ids_max >= cfg.llm.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {cfg.llm.vocab_size}) (the vocabulary)")
@@ -170,6 +173,11 @@ class NVLM(nn.Module):
                 raise ValueError(
                     f"pixel_values must be [T, {cfg.vision.num_channels}, {size}, {size}], got {tuple(pixels.shape)}"
                 )
+        if any(n < 0 for n in counts):
+            raise ValueError("tiles_per_image must be >= 0")
+        for bad, message in zip(layout, self._LAYOUT_RULES, strict=False):
+            if bad:
+                raise ValueError(message)
         present = sum(1 for n in counts if n > 0)
         expected = {"D": total, "H": present if total else 0, "X": 0}[cfg.variant] * cfg.tokens_per_tile
         if slots != expected:
@@ -178,6 +186,28 @@ class NVLM(nn.Module):
                 f"for these images"
             )
         return InputFacts(tile_rows, bool(all_real))
+
+    _LAYOUT_RULES = (
+        "image_positions must lie in [0, sequence length) and increase along each row, -1 (absent) at the end",
+        "tag_tiles names a tile beyond the row's cross-attention tiles",
+    )
+
+    def _layout_problems(self, inputs, num_text_tokens: int) -> list[torch.Tensor]:
+        """Device flags (one per ``_LAYOUT_RULES`` entry) for the rules ``cross_attention_ranges``
+        checks, so that check_inputs brings them over in its one transfer and the ranges are built
+        with ``validate=False`` (no host sync of their own)."""
+        positions = inputs.image_positions.long()
+        present = positions >= 0
+        ordered = torch.where(present, positions, torch.iinfo(torch.long).max)
+        bad_positions = (present & (positions >= num_text_tokens)).any()
+        if positions.shape[1] > 1:
+            bad_positions = bad_positions | (ordered[:, 1:] < ordered[:, :-1]).any()
+        flags = [bad_positions]
+        if self.config.variant == "X" and inputs.tag_tiles is not None:
+            tags = inputs.tag_tiles.long()
+            key_tiles = self._key_tiles(inputs.tiles_per_image.long()).clamp(min=0).sum(1, keepdim=True)
+            flags.append(((tags >= 0) & (tags >= key_tiles)).any())
+        return flags
 
     def _facts(self, inputs, facts: InputFacts | None) -> InputFacts:
         return facts if facts is not None else self.check_inputs(inputs)
@@ -261,6 +291,7 @@ class NVLM(nn.Module):
             tokens_per_tile=cfg.tokens_per_tile,
             tag_tokens_per_tile=int(inputs.tag_tokens_per_tile) if cfg.variant == "H" else 0,
             attend_all_previous=cfg.xattn.attend_all_previous,
+            validate=False,  # check_inputs checked the layout in its one transfer
         )  # fmt: skip
 
     def next_token_ranges(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -487,6 +487,25 @@ def resolve_supported(op: str, device: torch.device | str, unsupported: dict[str
     return "reference"
 
 
+@contextlib.contextmanager
+def autograd_inside_op() -> Iterator[None]:
+    """Grad mode with autograd's dispatch keys back on, inside a registered op's implementation.
+
+    The dispatcher runs a custom op's implementation below autograd (its keys excluded in this
+    thread, whatever the grad mode), where nothing records a graph. A peer reached through the op
+    (``torch.ops`` / opcheck) has no saved state for a backward, so its op-level backward recomputes
+    the peer's forward under this and takes ``torch.autograd.grad``. (The public functions run peers
+    outside the op, where torch's own autograd records them: they never need this.)"""
+    keys = torch._C.DispatchKey
+    autograd = torch._C.DispatchKeySet(keys.AutogradFunctionality)
+    for key in (keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        autograd = autograd | torch._C.DispatchKeySet(key)
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set() - autograd
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
 @functools.cache
 def implementation(package: str, backend: str):
     """The module ``<package>.<backend>`` (every op folder has reference.py, triton.py, cuda.py),

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (rtol, atol): torch.testing's defaults for each dtype.
 POINTWISE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -96,44 +97,50 @@ def require_backend(op: str, backend: str, device: str) -> None:
         pytest.skip(f"{backend} backend unavailable for {op} on {device}: {reason}")
 
 
-class HostSyncCounter:
-    """Counts the calls that bring a device value to the host (``aten._local_scalar_dense``,
-    ``is_nonzero``, ``item``: ``int(t)``, ``bool(t)``, ``t.item()``; and ``nonzero``, whose output
-    size needs one) while it is active, including inside our own custom ops, whose implementation
-    a dispatch mode would otherwise not see. On a GPU each is a device sync and breaks CUDA-graph
-    capture; on a CPU the same code makes the same calls, which is how CPU tests check for them.
+class HostSyncCounter(TorchDispatchMode):
+    """Counts what brings a device value to the host while it is active: ``aten._local_scalar_dense``,
+    ``is_nonzero``, ``item`` (``int(t)``, ``bool(t)``, ``t.item()``), ``nonzero`` (its output size
+    needs one) and ``Tensor.tolist`` (which reads the data without dispatching an op). It also sees
+    inside our own custom ops (re-run below the mode with the mode on; a dispatch mode alone would
+    see only the op) and inside higher-order ops (FlexAttention). On a GPU each is a device sync
+    that stalls the host and breaks CUDA-graph capture; on a CPU the same code makes the same calls,
+    which is how CPU tests check for them.
 
         with HostSyncCounter() as syncs:
             model.decode_step(...)
         assert syncs.calls == []
     """
 
+    supports_higher_order_operators = True
+
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
+        super().__init__()
         aten = torch.ops.aten
-        watched = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
-        watched |= {aten.nonzero.default}
-        calls: list[str] = []
-        self.calls = calls
+        self.watched = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
+        self.watched.add(aten.nonzero.default)
+        self.calls: list[str] = []
+        self._tolist = None
 
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func in watched:
-                    calls.append(str(func))
-                if func.namespace == "nvlm_kernels":  # look inside: run its kernel with the mode on
-                    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-                    key = torch._C.DispatchKey.CUDA if any(t.is_cuda for t in tensors) else torch._C.DispatchKey.CPU
-                    with self:
-                        return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
-                return func(*args, **kwargs)
+    def __enter__(self):
+        self._tolist = tolist = torch.Tensor.tolist
+        calls = self.calls
+        torch.Tensor.tolist = lambda t: calls.append("Tensor.tolist") or tolist(t)
+        return super().__enter__()
 
-        self._mode = _Mode()
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
-    def __enter__(self) -> HostSyncCounter:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            with self:
+                return func.dispatch(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if func in self.watched:
+            self.calls.append(str(func))
+        if func.namespace == "nvlm_kernels":
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            key = torch._C.DispatchKey.CUDA if any(t.is_cuda for t in tensors) else torch._C.DispatchKey.CPU
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        return func(*args, **kwargs)

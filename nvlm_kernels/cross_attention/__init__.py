@@ -38,7 +38,6 @@ the peer's forward with autograd and differentiates it (the public function neve
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -218,27 +217,10 @@ def _apply_gate(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return out if gate is None else out * torch.tanh(gate.reshape(())).to(out.dtype)
 
 
-@contextlib.contextmanager
-def _recording_autograd():
-    """Autograd on inside a registered op's implementation: the dispatcher runs it below the autograd
-    keys (excluded from the thread's dispatch), so ``enable_grad`` alone would record nothing."""
-    keys = torch._C.DispatchKey
-    autograd = (
-        torch._C.DispatchKeySet(keys.AutogradFunctionality)
-        | torch._C.DispatchKeySet(keys.AutogradOther)
-        | torch._C.DispatchKeySet(keys.AutogradNestedTensor)
-        | torch._C.DispatchKeySet(keys.ADInplaceOrView)
-    )
-    include = torch._C._dispatch_tls_local_include_set()
-    exclude = torch._C._dispatch_tls_local_exclude_set() - autograd
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
-        yield
-
-
 def _peer_backward(backend: str, grad_out, q, k, v, kv_start, kv_end, gate, scale):
     """(dq, dk, dv, dgate) of a peer: its forward recomputed with autograd, then differentiated."""
     peer = PEERS[backend]
-    with _recording_autograd():
+    with _backend.autograd_inside_op():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         if gate is not None:
             leaves.append(gate.detach().requires_grad_())

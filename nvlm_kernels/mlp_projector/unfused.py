@@ -293,18 +293,6 @@ def projector_fwd(x, ln_weight, ln_bias, w1, w2, b1, b2, eps, activation, r, v2,
         return out.reshape(x.shape[0], (x.shape[1] - cls) // (r * r), out.shape[-1]), mean, rstd, pre
 
 
-@contextlib.contextmanager
-def _autograd_on():
-    """Grad mode with the autograd dispatch keys back on. A custom op's implementation runs below
-    autograd (``_AutoDispatchBelowAutograd`` excludes its keys), where nothing records a graph; the
-    op-level backward needs one to differentiate its recomputed forward."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in ("AutogradOther", "AutogradNestedTensor", "AutogradFunctionality", "ADInplaceOrView"):
-        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
-        yield
-
-
 def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, pre, eps, activation, r, v2, cls, needs):
     """The op-level backward: recomputes ``projector`` with autograd and differentiates it (the
     saved statistics and pre-activation are not used). Gradients (dx, dγ, dβ, dW1, dW2, db1, db2),
@@ -314,7 +302,7 @@ def projector_bwd(grad_out, x, ln_weight, ln_bias, w1, w2, b1, b2, mean, rstd, p
     grads: list[torch.Tensor | None] = [None] * len(inputs)
     if not asked:
         return tuple(grads)
-    with _autograd_on():
+    with _backend.autograd_inside_op():
         leaves = [t.detach().requires_grad_(i in asked) if t is not None else None for i, t in enumerate(inputs)]
         out = projector(*leaves, eps, activation, r, v2, cls)
         found = torch.autograd.grad(out, [leaves[i] for i in asked], grad_out.to(out.dtype), allow_unused=True)

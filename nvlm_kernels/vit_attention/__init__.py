@@ -37,10 +37,7 @@ never take that path for a peer.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import operator
 
 import torch
 
@@ -175,23 +172,6 @@ def _impl(backend: str):
     return PEERS[backend] if backend in PEERS else _backend.implementation(__name__, backend)
 
 
-_AUTOGRAD_KEYS = functools.reduce(
-    operator.or_,
-    (torch._C.DispatchKeySet(key) for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")),
-)
-
-
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """A registered op's implementation runs below autograd (its dispatch keys are excluded in this
-    thread, whatever the grad mode): re-admit them, with grad mode on, so that a peer's backward can
-    recompute the peer's forward and take ``torch.autograd.grad``."""
-    include = torch._C._dispatch_tls_local_include_set()
-    exclude = torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
-        yield
-
-
 def _run_peer(op: str, fn, *args):
     """The public functions' peer path: the peer itself (plain differentiable PyTorch), inside the
     op's NVTX forward range (its backward is SDPA's own autograd, without a range of ours)."""
@@ -246,7 +226,7 @@ def vit_attention_bwd_op(
     impl = _impl(backend)
     with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
         if backend in PEERS:
-            with _autograd_inside_op():
+            with _backend.autograd_inside_op():
                 return tuple(g.contiguous() for g in impl.attention_bwd(grad_out, q, k, v, out, lse, scale))
         return impl.attention_bwd(grad_out.to(q.dtype), q, k, v, out, lse, scale)
 
@@ -356,7 +336,7 @@ def vit_qk_norm_attention_bwd_op(
     args = (qkv, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale)
     with _nvtx.range(f"nvlm.kernels.{OP_FUSED}.bwd"):
         if backend in PEERS:
-            with _autograd_inside_op():
+            with _backend.autograd_inside_op():
                 return tuple(g.contiguous() for g in impl.qk_norm_attention_bwd(grad_out, *args))
         return impl.qk_norm_attention_bwd(grad_out.to(qkv.dtype), *args)
 

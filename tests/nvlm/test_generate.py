@@ -324,9 +324,6 @@ def test_forward_brings_device_values_to_the_host_once(preset, monkeypatch):
 
     model = _model(preset)
     inputs = _batch(model)
-    transfers = []
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.shape) or tolist(self))
     with torch.no_grad(), HostSyncCounter() as syncs:
         model(inputs)
-    assert syncs.calls == [] and len(transfers) == 1, (syncs.calls, transfers)
+    assert syncs.calls == ["Tensor.tolist"]

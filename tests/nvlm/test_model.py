@@ -238,3 +238,21 @@ def test_bad_input_is_rejected_before_any_kernel():
     proc = NVLMProcessor(ByteTokenizer(), model.config)
     with pytest.raises(ValueError, match="image"):
         proc([{"role": "user", "content": "<image> <image>"}], [_image(60, 60, 1)])
+
+
+@pytest.mark.parametrize("preset", ["tiny-x", "tiny-h"])
+def test_bad_cross_attention_layout_is_rejected_by_the_one_input_check(preset):
+    """The ranges are built without a check of their own (no host sync): the model's input check
+    carries the layout rules the range builder would have checked."""
+    model = _model(preset)
+    inputs = _inputs(model)
+    late = copy.copy(inputs)
+    late.image_positions = torch.full_like(inputs.image_positions, inputs.input_ids.shape[1])
+    with pytest.raises(ValueError, match="image_positions must lie in"):
+        model(late)
+    if preset == "tiny-x":
+        beyond = copy.copy(inputs)
+        beyond.tag_tiles = inputs.tag_tiles.clone()
+        beyond.tag_tiles[0, 0] = int(inputs.tiles_per_image.sum())
+        with pytest.raises(ValueError, match="tag_tiles names a tile beyond"):
+            model(beyond)

@@ -21,12 +21,11 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nvlm_kernels as nk
 from nvlm_kernels import _backend, _device
 from nvlm_kernels.cross_attention import gated_cross_attention_bwd_op, gated_cross_attention_op
-from nvlm_kernels.testing import assert_close_flash, require_backend
+from nvlm_kernels.testing import HostSyncCounter, assert_close_flash, require_backend
 
 OP = "gated_cross_attention"
 CPU_BACKENDS = ["reference", "triton", "sdpa", "flex"]  # every backend that can run on CPU tensors
@@ -744,46 +743,6 @@ def test_out_of_range_values_are_clamped(backend):
 # issue 14: no host sync in decode, repeated prefill, compiled graphs (the op) or captured graphs
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts ops that bring a device value to the host (a device sync on a GPU; the same calls on a
-    CPU), including inside our custom ops (whose implementation a dispatch mode does not see by
-    itself: it is re-run with the mode on) and inside higher-order ops (FlexAttention); and
-    ``Tensor.tolist``, which reads the data without dispatching an op."""
-
-    supports_higher_order_operators = True
-    aten = torch.ops.aten
-    SYNCS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default, aten.nonzero.default}
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-        self._tolist = None
-
-    def __enter__(self):
-        self._tolist = torch.Tensor.tolist
-        tolist, syncs = self._tolist, self.syncs
-        torch.Tensor.tolist = lambda t: syncs.append("Tensor.tolist") or tolist(t)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            with self:
-                return func.dispatch(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
-        if func in self.SYNCS:
-            self.syncs.append(str(func))
-        if func.namespace == "nvlm_kernels":
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            key = torch._C.DispatchKey.CUDA if any(t.is_cuda for t in tensors) else torch._C.DispatchKey.CPU
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def _flex_under_a_dispatch_mode(backend, monkeypatch):
     """Eager FlexAttention compiles its higher-order op with dynamo, which does not run under a
@@ -810,9 +769,9 @@ def test_sync_counter_sees_inside_our_ops(monkeypatch):
     monkeypatch.setattr(reference, "attention_fwd", with_a_sync)
     q, k, v = _small(torch.float32, 3, 1, 40)
     start, end = torch.zeros(3, 1, dtype=torch.int32), torch.full((3, 1), 40, dtype=torch.int32)
-    with SyncCounter() as counter, nk.use_backend("reference"):
+    with HostSyncCounter() as counter, nk.use_backend("reference"):
         nk.gated_cross_attention(q, k, v, start, end)
-    assert counter.syncs == ["aten.item.default"]
+    assert counter.calls == ["aten.item.default"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -833,7 +792,7 @@ def test_no_host_sync_in_decode_or_repeated_prefill(backend, monkeypatch):
     nk.gated_cross_attention(q, k, v, starts, ends, gate)  # the first prefill checks the values: one sync
     positions, tiles = torch.tensor([[0], [1], [2]]), torch.tensor([[2], [1], [3]])
     trusted = nk.cross_attention_ranges(positions, tiles, 3, tokens_per_tile=16)
-    with _flex_under_a_dispatch_mode(backend, monkeypatch), SyncCounter() as counter, nk.use_backend(backend):
+    with _flex_under_a_dispatch_mode(backend, monkeypatch), HostSyncCounter() as counter, nk.use_backend(backend):
         with torch.no_grad():
             for _ in range(2):
                 nk.gated_cross_attention(q1, k, v, starts[:, -1:], ends[:, -1:], gate)
@@ -842,11 +801,11 @@ def test_no_host_sync_in_decode_or_repeated_prefill(backend, monkeypatch):
         if grads:
             leaf = q.clone().requires_grad_()
             nk.gated_cross_attention(leaf, k, v, starts, ends, gate).float().sum().backward()
-    assert counter.syncs == []
+    assert counter.calls == []
     if backend != "flex":  # the op checks no values (it runs inside compiled graphs): bad ranges are clamped
-        with SyncCounter() as counter:
+        with HostSyncCounter() as counter:
             gated_cross_attention_op(q, k, v, ends, starts, gate, 0.125, backend)
-        assert counter.syncs == []
+        assert counter.calls == []
 
 
 def test_ranges_builder_checks_in_one_transfer_or_none():
@@ -854,12 +813,12 @@ def test_ranges_builder_checks_in_one_transfer_or_none():
     validate=False (for a caller that has checked them: the model's decode and prefill make no other
     sync); unchecked bad inputs still give well-formed ranges."""
     kwargs = dict(tokens_per_tile=TPT, tag_tiles=TAGS)
-    with SyncCounter() as counter:
+    with HostSyncCounter() as counter:
         checked = nk.cross_attention_ranges(POSITIONS, TILES, SQ, **kwargs)
-    assert counter.syncs == ["Tensor.tolist"]
-    with SyncCounter() as counter:
+    assert counter.calls == ["Tensor.tolist"]
+    with HostSyncCounter() as counter:
         unchecked = nk.cross_attention_ranges(POSITIONS, TILES, SQ, validate=False, **kwargs)
-    assert counter.syncs == []
+    assert counter.calls == []
     assert all(torch.equal(a, b) for a, b in zip(checked, unchecked, strict=True))
     start, end = nk.cross_attention_ranges(torch.tensor([[15, 3]]), torch.tensor([[-2, 3]]), SQ, validate=False)
     assert bool((start >= 0).all()) and bool((start <= end).all())
@@ -871,21 +830,21 @@ def test_range_values_are_checked_once_per_tensor():
     q, k, v = _small(torch.float32, 2, 4, 20)
     start = torch.zeros(2, 4, dtype=torch.int32)
     end = torch.full((2, 4), 20, dtype=torch.int32)
-    with SyncCounter() as counter:
+    with HostSyncCounter() as counter:
         nk.gated_cross_attention(q, k, v, start, end)
-    assert counter.syncs == ["Tensor.tolist"]  # the check: one transfer
-    with SyncCounter() as counter:
+    assert counter.calls == ["Tensor.tolist"]  # the check: one transfer
+    with HostSyncCounter() as counter:
         nk.gated_cross_attention(q, k, v, start, end)
-    assert counter.syncs == []
+    assert counter.calls == []
     end[1, 2] = 21
     with pytest.raises(ValueError, match=re.escape("kv_start/kv_end[1, 2] = [0, 21)")):
         nk.gated_cross_attention(q, k, v, start, end)
     with pytest.raises(ValueError, match=re.escape("kv_start/kv_end[1, 2] = [0, 21)")):
         nk.gated_cross_attention(q, k, v, start, end)  # still bad: never remembered as checked
     start, end = nk.cross_attention_ranges(torch.tensor([[1], [0]]), torch.tensor([[1], [1]]), 4, tokens_per_tile=20)
-    with SyncCounter() as counter:
+    with HostSyncCounter() as counter:
         nk.gated_cross_attention(q, k, v, start, end)
-    assert counter.syncs == []
+    assert counter.calls == []
     start[0, 0] = -1
     with pytest.raises(ValueError, match=re.escape("[-1, 0)")):
         nk.gated_cross_attention(q, k, v, start, end)
