@@ -62,6 +62,11 @@ def report() -> str:
         lines.append(f"{op}:")
         for device in ("cpu", "cuda"):
             chosen, _ = _backend.auto_choice(op, device)
+            if device not in devices:
+                default = entry.default_peer.get(device)
+                would = f"auto would run {default} where nothing was measured" if default else "kernel order"
+                lines.append(f"  on {device} tensors: no CUDA device here ({would})")
+                continue
             if entry.peers:
                 why = "the default peer" if chosen == entry.default_peer.get(device) else "the first usable"
                 lines.append(f"  on {device} tensors, auto picks: {chosen} where nothing was measured ({why})")
