@@ -415,6 +415,31 @@ def select(
     return backend
 
 
+def op_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    bucket: str,
+    grad: bool,
+    unsupported: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """Inside a registered op: the backend it runs. The public functions pass the one ``select``
+    chose; ``"auto"`` (a direct ``torch.ops`` call) resolves through ``select`` now; any other name
+    is checked like an explicit request (``BackendUnavailableError`` with the reason)."""
+    if backend == "auto":
+        return select(op, device, dtype, bucket, grad, unsupported)
+    if backend not in _REGISTRY[op].backends:
+        what = f"has no {backend!r} backend" if backend in BACKENDS else f"unknown backend {backend!r}"
+        raise BackendUnavailableError(f"nvlm_kernels.{op}: {what} (its backends: {', '.join(_REGISTRY[op].backends)})")
+    reason = why_unavailable(op, backend, device) or dict(unsupported).get(backend)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"nvlm_kernels.{op}: the {backend} backend cannot run this call on {device.type} tensors: {reason}"
+        )
+    return backend
+
+
 def reset_caches() -> None:
     """Forget cached choices and the loaded dispatch table (after changing NVLM_KERNELS_DISPATCH)."""
     from nvlm_kernels import _dispatch

@@ -180,18 +180,8 @@ def _bucket(q: torch.Tensor, k: torch.Tensor) -> str:
 
 
 def _op_backend(backend: str, q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
-    """The backend a registered op runs: ``auto`` resolves as the public function does; a name is
-    checked (``BackendUnavailableError`` naming the reason when it cannot run this call)."""
-    if backend == "auto":
-        return _backend.select(OP, q.device, q.dtype, _bucket(q, k), grad, _unsupported(q, grad))
-    if backend not in _backend.backends_of(OP):
-        raise ValueError(f"backend must be 'auto' or one of {_backend.backends_of(OP)}, got {backend!r}")
-    reason = _backend.why_unavailable(OP, backend, q.device) or dict(_unsupported(q, grad)).get(backend)
-    if reason is not None:
-        raise _backend.BackendUnavailableError(
-            f"nvlm_kernels.{OP}: the {backend} backend cannot run this call: {reason}"
-        )
-    return backend
+    """The backend a registered op runs (``_backend.op_backend``)."""
+    return _backend.op_backend(OP, backend, q.device, q.dtype, _bucket(q, k), grad, _unsupported(q, grad))
 
 
 # --------------------------------------------------------------------------------------------------

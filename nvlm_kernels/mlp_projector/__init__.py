@@ -123,28 +123,20 @@ def _bucket(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, downscal
     return f"M={pow2(m)},K={pow2(w1.shape[1])},N1={pow2(w1.shape[0])},N2={n2}"
 
 
+def _unsupported(x: torch.Tensor) -> tuple[tuple[str, str], ...]:
+    reason = _kernel_reason(x)
+    return (("triton", reason),) if reason else ()
+
+
 def _select(x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
     """The backend that runs this call: the request (raising if it cannot run it) or auto's choice."""
-    reason = _kernel_reason(x)
-    unsupported = (("triton", reason),) if reason else ()
-    return _backend.select(OP, x.device, x.dtype, _bucket(x, w1, w2, downscale, cls), grad, unsupported)
+    return _backend.select(OP, x.device, x.dtype, _bucket(x, w1, w2, downscale, cls), grad, _unsupported(x))
 
 
 def _resolve(backend: str, x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
-    """Inside the op: "auto" -> auto's choice; a named backend is checked (the public function
-    passes one it has already checked; a direct ``torch.ops`` call may pass anything)."""
-    if backend == "auto":
-        return _select(x, w1, w2, downscale, cls, grad)
-    if backend not in _backend.backends_of(OP):
-        raise _backend.BackendUnavailableError(
-            f"nvlm_kernels.{OP}: unknown backend {backend!r} (its backends: {', '.join(_backend.backends_of(OP))})"
-        )
-    reason = _backend.why_unavailable(OP, backend, x.device) or (_kernel_reason(x) if backend == "triton" else None)
-    if reason is not None:
-        raise _backend.BackendUnavailableError(
-            f"nvlm_kernels.{OP}: the {backend} backend cannot run this call on {x.device.type} tensors: {reason}"
-        )
-    return backend
+    """Inside the op: the backend to run (``_backend.op_backend``)."""
+    bucket = _bucket(x, w1, w2, downscale, cls)
+    return _backend.op_backend(OP, backend, x.device, x.dtype, bucket, grad, _unsupported(x))
 
 
 def _impl(backend: str):

@@ -151,20 +151,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _op_backend(op: str, backend: str, x: torch.Tensor, dims: tuple[int, int, int, int], grad: bool) -> str:
-    """The backend a registered op runs: ``"auto"`` resolves through ``_backend.select`` now (a
-    direct ``torch.ops`` call; the public functions pass their resolved choice); a named backend is
-    checked, raising ``BackendUnavailableError`` with the reason when it cannot serve the call."""
-    unsupported = _unsupported(x, dims[3])
-    if backend == "auto":
-        return _backend.select(op, x.device, x.dtype, _bucket(*dims), grad, unsupported)
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {(*_backend.BACKENDS, 'auto')}, got {backend!r}")
-    reason = _backend.why_unavailable(op, backend, x.device) or dict(unsupported).get(backend)
-    if reason is not None:
-        raise _backend.BackendUnavailableError(
-            f"nvlm_kernels.{op}: backend {backend!r} cannot run this call on {x.device.type} tensors: {reason}"
-        )
-    return backend
+    """The backend a registered op runs (``_backend.op_backend``)."""
+    return _backend.op_backend(op, backend, x.device, x.dtype, _bucket(*dims), grad, _unsupported(x, dims[3]))
 
 
 def _impl(backend: str):
