@@ -138,6 +138,28 @@ def _gelu_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(X, base, row_ok, K, C, side, eps, stride_xl, stride_xc, R: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
+    """(mean, 1/std) of BLOCK_R gathered rows in float32, walking each row in BLOCK_K steps twice:
+    the sum, then the centred second moment (no cancellation for large means; the 2nd pass from L2)."""
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+        total += tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
+    mean = total / K
+    squares = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
+        centred = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+        squares += tl.sum(centred * centred, axis=1)
+    return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
 def _ln_stats_kernel(
     X, Mean, Rstd,
     M, K, L_out, side_out, side, C, cls, eps,
@@ -147,22 +169,9 @@ def _ln_stats_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     base = _row_base(tl.where(row_ok, rows, 0), L_out, side_out, side, cls, stride_xn, stride_xl, R, V2)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
-        total += tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
-    mean = total / K
-    squares = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # the centred second pass: no cancellation for large means
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
-        centred = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, axis=1)
+    mean, rstd = _row_stats(X, base, row_ok, K, C, side, eps, stride_xl, stride_xc, R, BLOCK_R, BLOCK_K)
     tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, 1.0 / tl.sqrt(squares / K + eps), mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -194,21 +203,7 @@ def _ln_fwd_kernel(
             z += tl.load(Beta + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Z + z_rows + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
     else:
-        total = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (cols < K)[None, :]
-            offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
-            total += tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
-        mean = total / K
-        squares = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (cols < K)[None, :]
-            offs = base[:, None] + _col_offset(cols, C, side, stride_xl, stride_xc, R)[None, :]
-            centred = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
+        mean, rstd = _row_stats(X, base, row_ok, K, C, side, eps, stride_xl, stride_xc, R, BLOCK_R, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
