@@ -167,6 +167,18 @@ def backward_backend(ctx, op: str) -> Iterator[None]:
         yield
 
 
+AUTOTUNE_ENV_VAR = "NVLM_KERNELS_AUTOTUNE"
+
+
+def autotune_configs(configs: list) -> list:
+    """What a Triton kernel's pruner finally keeps: every allowed configuration, or only the first
+    (each table's first entry is its expected best) when ``NVLM_KERNELS_AUTOTUNE=0`` — one compile per
+    kernel instead of one per configuration, for quick correctness runs (gpu_check.sh's smoke step)."""
+    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+        return configs[:1]
+    return configs
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

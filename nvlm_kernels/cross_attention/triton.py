@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nvlm_kernels import _device
-from nvlm_kernels._backend import triton_interpreter_enabled
+from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 
 LOG2E = math.log2(math.e)
 _INTERPRET = triton_interpreter_enabled()
@@ -91,7 +91,7 @@ def _pruner(table: dict):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 128))
         allowed = set(table[(torch.cuda.get_device_capability()[0] >= 9, _bucket(head_dim))])
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        return keep or configs[:1]
+        return autotune_configs(keep or configs[:1])
 
     return prune
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nvlm_kernels._backend import triton_interpreter_enabled
+from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 from nvlm_kernels._device import check_grid, device_guard
 
 _INTERPRET = triton_interpreter_enabled()
@@ -76,7 +76,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     allowed = set(GEMM_TABLE[torch.cuda.get_device_capability()[0] >= 9])
     keep = [c for c in configs if (*c.kwargs.values(), c.num_warps, c.num_stages) in allowed]
-    return keep or configs[:1]
+    return autotune_configs(keep or configs[:1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvlm_kernels._backend import triton_interpreter_enabled
+from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 from nvlm_kernels._device import device_guard, flat_grid
 
 LOG2E = math.log2(math.e)
@@ -106,7 +106,7 @@ def _pruner(table: dict):
         hopper = torch.cuda.get_device_capability()[0] >= 9
         allowed = set(table[(hopper, _head_dim_bucket(head_dim), qk_norm)])
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        return keep or configs[:1]
+        return autotune_configs(keep or configs[:1])
 
     return prune
 

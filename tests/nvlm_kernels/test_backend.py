@@ -197,3 +197,12 @@ def test_backward_runs_on_the_forward_backend(monkeypatch, backend):
     with nvlm_kernels.use_backend("reference" if backend == "triton" else "auto"):
         y.float().sum().backward()
     assert calls == [backend]
+
+
+def test_autotune_can_be_limited_to_one_config(monkeypatch):
+    """NVLM_KERNELS_AUTOTUNE=0 (gpu_check.sh's smoke step): one compile per kernel, the first
+    allowed configuration; unset: every allowed one."""
+    monkeypatch.delenv(_backend.AUTOTUNE_ENV_VAR, raising=False)
+    assert _backend.autotune_configs(["a", "b", "c"]) == ["a", "b", "c"]
+    monkeypatch.setenv(_backend.AUTOTUNE_ENV_VAR, "0")
+    assert _backend.autotune_configs(["a", "b", "c"]) == ["a"]

@@ -23,7 +23,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _dtypes(backend: str) -> list[torch.dtype]:
     if DEVICE == "cuda":
-        return [torch.bfloat16, torch.float16]
+        # FlexAttention compiles once per dtype (tens of seconds each): bf16, NVLM's dtype, only
+        return [torch.bfloat16] if backend == "flex" else [torch.bfloat16, torch.float16]
     return [torch.float16] if backend == "triton" else [torch.float32]
 
 
