@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from nvlm_kernels import BackendUnavailableError
+
 # Roofline of targets.md (H100 SXM): floor = max(flops / peak_flops, bytes / peak_bandwidth).
 H100_PEAK_BANDWIDTH = 3.35e12  # bytes/s
 H100_PEAK_BF16_FLOPS = 989e12  # FLOP/s
@@ -202,6 +204,9 @@ def measure(case: Case, device: str, env: dict[str, str]) -> dict[str, Any]:
         peak_mib = _peak_mib(case.fn) if device == "cuda" else float("nan")
         p20, p50, p80 = time_quantiles_us(case.fn, device)
         eager = eager_us(case.fn, device)
+    except BackendUnavailableError as exc:  # this backend cannot take this call here (e.g. fp32 kernels)
+        row["status"] = f"skipped: {str(exc).strip().splitlines()[0][:200]}"
+        return row
     except Exception as exc:  # report and go on: one broken provider must not hide the others
         row["status"] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc) else ''}"
         return row

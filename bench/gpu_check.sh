@@ -153,11 +153,13 @@ if [[ $dry_run -eq 1 ]]; then
     export NVLM_KERNELS_EXPECT_EXTENSION=${NVLM_KERNELS_EXPECT_EXTENSION:-0}
     tune_shapes=(--small --dtype float16)  # float16: the Triton kernels run too (interpreter)
     bench_args=(--quick)
+    shapes_label="tiny shapes (dry run)"
 else
     unset TRITON_INTERPRET
     export NVLM_KERNELS_EXPECT_EXTENSION=1 NVLM_KERNELS_EXPECT_CUDA_KERNELS=1
     tune_shapes=(--targets --dtype bfloat16)
     bench_args=(--targets)
+    shapes_label="targets.md shapes"
 fi
 
 # GPU_CHECK_STEPS picks steps (default: all of "build smoke tune bench tests sanitizer").
@@ -173,13 +175,13 @@ want smoke && step "correctness: every op x backend, bf16/fp16, small shapes" 90
 if want tune; then
     tune_limit=$(($(remaining) * 45 / 100))
     # the tuner stops starting cases 20 s before its limit and has written every finished case
-    step "tuning: dispatch table at targets.md shapes" "$tune_limit" \
+    step "tuning: dispatch table at $shapes_label" "$tune_limit" \
         "$PY" -m nvlm_kernels.tune "${tune_shapes[@]}" --budget $((tune_limit > 40 ? tune_limit - 20 : 20)) \
         --out "$OUT/dispatch_table.json"
 fi
 if want bench; then
     bench_limit=$(($(remaining) * 70 / 100))
-    step "benchmarks: targets.md rows a-f" "$bench_limit" \
+    step "benchmarks: $([[ $dry_run -eq 1 ]] && echo 'quick CPU cases (dry run)' || echo 'targets.md rows a-f')" "$bench_limit" \
         "$PY" bench/run_all.py "${bench_args[@]}" --quiet --out "$OUT" --budget $((bench_limit > 40 ? bench_limit - 25 : 15))
 fi
 if want tests; then
