@@ -144,3 +144,38 @@ class HostSyncCounter(TorchDispatchMode):
             with self:
                 return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
         return func(*args, **kwargs)
+
+
+class OpCalls:
+    """Counts the ranges our ops open while it is active (``nvlm_kernels._nvtx`` observers: every
+    public op opens ``nvlm.kernels.<op>.<pass>``), to show that a patched model really runs our ops.
+
+        with OpCalls() as calls:
+            model(**inputs)
+        assert calls.count("vit_qk_norm_attention") == num_layers
+    """
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+
+    def range_enter(self, label: str) -> None:
+        self.labels.append(label)
+
+    def range_exit(self, label: str) -> None:
+        pass
+
+    def count(self, op: str, kind: str = "fwd") -> int:
+        """Calls of ``op`` (``kind``: "fwd", "bwd", "decode", ... or "" for any)."""
+        prefix = f"nvlm.kernels.{op}."
+        return sum(1 for label in self.labels if label.startswith(prefix) and (not kind or label.endswith(f".{kind}")))
+
+    def __enter__(self) -> OpCalls:
+        from nvlm_kernels import _nvtx
+
+        _nvtx.add_observer(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from nvlm_kernels import _nvtx
+
+        _nvtx.remove_observer(self)
