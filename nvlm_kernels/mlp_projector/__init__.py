@@ -335,7 +335,7 @@ def mlp_projector(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     backend = _select(x, w1, w2, downscale, cls, grad)
     if backend == PEER:
-        with _nvtx.range(f"nvlm.kernels.{OP}.{PEER}"):
+        with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):  # the peer forward: the same label as ours
             return _unfused.projector(*args)
     if _backend.eager_autograd_path(*tensors):
         return _EagerProjector.apply(*args, backend) if grad else _forward(*args, False, backend)[0]
