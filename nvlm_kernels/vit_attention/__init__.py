@@ -6,10 +6,12 @@ dim; the layout a fused QKV projection gives, read through strides, no transpose
 returns softmax(scale · q kᵀ) v as [T, S, H, D] (contiguous), scale = D^-0.5 by default.
 
 ``vit_qk_norm_attention(qkv, q_norm_weight, k_norm_weight, *, num_heads, eps=1e-6,
-norm_features=None, softmax_scale=None)``: qkv [T, S, 3·H·D]; q and k are each normalized by one
-RMS over the first ``norm_features`` (default all H·D) features of the token — NVLM's checkpoint
-pads 7 zero heads to 32 and normalizes over the 3200 real features — times their weights (InternRMSNorm:
-variance in float32, normalized value cast to the input dtype, then the weight), and then attend.
+norm_features=None, softmax_scale=None)``: qkv [T, S, 3·H·D], or (q, k, v) [T, S, H·D] each
+(three projections' outputs, read in place: Hugging Face InternVL's q_proj / k_proj / v_proj); q
+and k are each normalized by one RMS over the first ``norm_features`` (default all H·D) features of
+the token — NVLM's checkpoint pads 7 zero heads to 32 and normalizes over the 3200 real features —
+times their weights (InternRMSNorm: variance in float32, normalized value cast to the input dtype,
+then the weight), and then attend.
 
 Backends (``nk.available_backends(op, device)``; ``use_backend(name)`` selects one):
 
@@ -26,13 +28,14 @@ Backends (``nk.available_backends(op, device)``; ``use_backend(name)`` selects o
 and CUDA tensors (never an unmeasured kernel of ours). An explicit request that cannot serve the call
 (e.g. ``triton`` with float32, ``flex``, ``unfused``) raises ``BackendUnavailableError`` saying why.
 
-Both ops are differentiable (q, k, v; qkv and both norm weights). Our kernels and the reference run
-through registered torch.library ops (``nvlm_kernels::vit_attention`` / ``vit_qk_norm_attention``
-and their ``_bwd`` twins), whose trailing ``backend`` argument names the backend the public function
-resolved (``"auto"``: resolved inside the op at run time). The ops accept ``"sdpa"`` too (so opcheck
-tests it): the forward runs SDPA under no_grad and also computes the log-sum-exp the schema returns;
-the backward recomputes SDPA's forward with autograd and differentiates it. The public functions
-never take that path for a peer.
+Both ops are differentiable (q, k, v; qkv or q, k, v and both norm weights). Our kernels and the
+reference run through registered torch.library ops (``nvlm_kernels::vit_attention`` /
+``vit_qk_norm_attention`` / ``vit_qk_norm_attention_split`` (the three-projection form, whose
+backward returns dq, dk, dv apart) and their ``_bwd`` twins), whose trailing ``backend`` argument
+names the backend the public function resolved (``"auto"``: resolved inside the op at run time). The
+ops accept ``"sdpa"`` too (so opcheck tests it): the forward runs SDPA under no_grad and also
+computes the log-sum-exp the schema returns; the backward recomputes SDPA's forward with autograd and
+differentiates it. The public functions never take that path for a peer.
 """
 
 from __future__ import annotations
@@ -95,6 +98,36 @@ def _kernel_reason(x: torch.Tensor, head_dim: int) -> str | None:
     return None
 
 
+def _check_heads(num_heads: int) -> None:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+
+def _check_norm(
+    x: torch.Tensor,
+    name: str,
+    features: int,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    eps: float,
+    norm_features: int | None,
+) -> int:
+    """The norm weights [features], eps and norm_features (returned, None -> features)."""
+    for w_name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        _check_floating(w, w_name)
+        if w.shape != (features,):
+            raise ValueError(f"{w_name} must have shape [H*D] = [{features}], got {tuple(w.shape)}")
+        if w.device != x.device:
+            raise ValueError(f"{w_name} is on {w.device}, {name} on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if norm_features is None:
+        norm_features = features
+    if isinstance(norm_features, bool) or not isinstance(norm_features, int) or not (1 <= norm_features <= features):
+        raise ValueError(f"norm_features must be an int in [1, H*D = {features}], got {norm_features!r}")
+    return norm_features
+
+
 def _check_fused(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -107,26 +140,46 @@ def _check_fused(
     _check_floating(qkv, "qkv")
     if qkv.dim() != 3:
         raise ValueError(f"qkv must have shape [T, S, 3*H*D] (3 dims), got {tuple(qkv.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    _check_heads(num_heads)
     width = qkv.shape[2]
     if width % (3 * num_heads) or width == 0:
         raise ValueError(f"qkv.shape[2] = {width} is not 3 * num_heads ({num_heads}) * head_dim")
     if qkv.shape[1] < 1:
         raise ValueError(f"qkv: S must be at least 1, got shape {tuple(qkv.shape)}")
     features = width // 3
-    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-        _check_floating(w, name)
-        if w.shape != (features,):
-            raise ValueError(f"{name} must have shape [H*D] = [{features}], got {tuple(w.shape)}")
-        if w.device != qkv.device:
-            raise ValueError(f"{name} is on {w.device}, qkv on {qkv.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    if norm_features is None:
-        norm_features = features
-    if isinstance(norm_features, bool) or not isinstance(norm_features, int) or not (1 <= norm_features <= features):
-        raise ValueError(f"norm_features must be an int in [1, H*D = {features}], got {norm_features!r}")
+    norm_features = _check_norm(qkv, "qkv", features, q_norm_weight, k_norm_weight, eps, norm_features)
+    return features // num_heads, norm_features
+
+
+def _check_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int | None,
+) -> tuple[int, int]:
+    """The three-projection form: q, k, v [T, S, H*D] each. Returns (head_dim, norm_features)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_floating(t, name)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, S, H*D] (3 dims), got {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
+        raise ValueError(f"q, k and v must have the same shape [T, S, H*D], got {shapes}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_heads(num_heads)
+    features = q.shape[2]
+    if features % num_heads or features == 0:
+        raise ValueError(f"q.shape[2] = {features} is not num_heads ({num_heads}) * head_dim")
+    if q.shape[1] < 1:
+        raise ValueError(f"q: S must be at least 1, got shape {tuple(q.shape)}")
+    norm_features = _check_norm(q, "q", features, q_norm_weight, k_norm_weight, eps, norm_features)
     return features // num_heads, norm_features
 
 
@@ -361,8 +414,129 @@ def _fused_backward(ctx, grad_out, _grad_lse, _grad_rstd_q, _grad_rstd_k):
 vit_qk_norm_attention_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
+# --------------------------------------------------------------------------------------------------
+# vit_qk_norm_attention from three projections (q, k, v [T, S, H·D] each): registered ops
+
+
+def _split_dims(q: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    t, s, features = q.shape
+    return t, s, num_heads, features // num_heads
+
+
+def _split_fwd(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend):
+    with _nvtx.range(f"nvlm.kernels.{OP_FUSED}.fwd"):
+        return _impl(backend).qk_norm_attention_split_fwd(
+            q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale
+        )
+
+
+@torch.library.custom_op("nvlm_kernels::vit_qk_norm_attention_split", mutates_args=())
+def vit_qk_norm_attention_split_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [T, S, H, D], lse [T, H, S], rstd_q [T, S], rstd_k [T, S]; the last three float32)."""
+    _check_split(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
+    grad = any(t.requires_grad for t in (q, k, v, q_norm_weight, k_norm_weight))
+    backend = _op_backend(OP_FUSED, backend, q, _split_dims(q, num_heads), grad)
+    return _split_fwd(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend)
+
+
+@vit_qk_norm_attention_split_op.register_fake
+def _(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend="auto"):
+    head_dim, _ = _check_split(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
+    t, s, _ = q.shape
+    out = q.new_empty((t, s, num_heads, head_dim))
+    lse = q.new_empty((t, num_heads, s), dtype=torch.float32)
+    return out, lse, q.new_empty((t, s), dtype=torch.float32), q.new_empty((t, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("nvlm_kernels::vit_qk_norm_attention_split_bwd", mutates_args=())
+def vit_qk_norm_attention_split_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rstd_q: torch.Tensor,
+    rstd_k: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dq_norm_weight, dk_norm_weight), contiguous. A peer backend recomputes its forward."""
+    _check_split(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
+    backend = _op_backend(OP_FUSED, backend, q, _split_dims(q, num_heads), True)
+    impl = _impl(backend)
+    args = (q, k, v, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale)
+    with _nvtx.range(f"nvlm.kernels.{OP_FUSED}.bwd"):
+        if backend in PEERS:
+            with _backend.autograd_inside_op():
+                return tuple(g.contiguous() for g in impl.qk_norm_attention_split_bwd(grad_out, *args))
+        return impl.qk_norm_attention_split_bwd(grad_out.to(q.dtype), *args)
+
+
+@vit_qk_norm_attention_split_bwd_op.register_fake
+def _(grad_out, q, k, v, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features,
+      scale, backend="auto"):  # fmt: skip
+    return (
+        *(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v)),
+        q_norm_weight.new_empty(q_norm_weight.shape),
+        k_norm_weight.new_empty(k_norm_weight.shape),
+    )
+
+
+def _split_setup(ctx, inputs, output) -> None:
+    q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale, backend = inputs
+    out, lse, rstd_q, rstd_k = output
+    ctx.save_for_backward(q, k, v, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k)
+    ctx.args = (num_heads, eps, norm_features, scale)
+    if backend == "auto":  # a direct op call: resolved as the forward resolved it
+        backend = _op_backend(OP_FUSED, backend, q, _split_dims(q, num_heads), True)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse, rstd_q, rstd_k)
+
+
+def _split_backward(ctx, grad_out, _grad_lse, _grad_rstd_q, _grad_rstd_k):
+    saved = ctx.saved_tensors
+    grads = vit_qk_norm_attention_split_bwd_op(grad_out.contiguous(), *saved, *ctx.args, ctx.backend)
+    return (*grads, None, None, None, None, None)
+
+
+vit_qk_norm_attention_split_op.register_autograd(_split_backward, setup_context=_split_setup)
+
+
+def _qk_norm_attention_split(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, softmax_scale):
+    head_dim, norm_features = _check_split(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
+    scale = softmax_scale_from(softmax_scale, head_dim)
+    eps = float(eps)
+    tensors = (q, k, v, q_norm_weight, k_norm_weight)
+    grad = _needs_grad(*tensors)
+    bucket = _bucket(*_split_dims(q, num_heads))
+    backend = _backend.select(OP_FUSED, q.device, q.dtype, bucket, grad, _unsupported(q, head_dim))
+    args = (*tensors, num_heads, eps, norm_features, scale)
+    if backend in PEERS:
+        return _run_peer(OP_FUSED, PEERS[backend].qk_norm_attention_split, *args)
+    if _backend.eager_fast_path(*tensors):
+        return _split_fwd(*args, backend)[0]
+    return vit_qk_norm_attention_split_op(*args, backend)[0]
+
+
 def vit_qk_norm_attention(
-    qkv: torch.Tensor,
+    qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     q_norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor,
     *,
@@ -373,8 +547,15 @@ def vit_qk_norm_attention(
 ) -> torch.Tensor:
     """InternViT-6B's attention core: RMSNorm of q and of k over the whole token, then attention.
 
-    qkv [T, S, 3·H·D] (q, k, v blocks of H heads each, as the fused projection writes them);
-    weights [H·D]; returns [T, S, H, D] (contiguous)."""
+    qkv [T, S, 3·H·D] (q, k, v blocks of H heads each, as the fused projection writes them), or a
+    tuple (q, k, v) of [T, S, H·D] tensors (three projections' outputs, e.g. Hugging Face InternVL's
+    q_proj / k_proj / v_proj: read in place, no concatenation; the backward returns dq, dk, dv
+    separately); weights [H·D]; returns [T, S, H, D] (contiguous)."""
+    if isinstance(qkv, (tuple, list)):
+        if len(qkv) != 3:
+            raise ValueError(f"qkv as a sequence must be (q, k, v), got {len(qkv)} items")
+        return _qk_norm_attention_split(*qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features,
+                                        softmax_scale)  # fmt: skip
     head_dim, norm_features = _check_fused(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
     scale = softmax_scale_from(softmax_scale, head_dim)
     eps = float(eps)

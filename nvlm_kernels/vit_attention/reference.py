@@ -7,7 +7,9 @@ Triton kernels keep), [T, H, S] float32.
 
 The fused variant normalizes q and k the way InternViT's ``InternRMSNorm`` does before splitting
 heads: RMS over the first ``norm_features`` features of the whole token (all heads), in float32,
-cast to the input dtype, times the weight.
+cast to the input dtype, times the weight. It takes the fused projection's qkv [T, S, 3·H·D] or
+three projections' q, k, v [T, S, H·D] each (``qk_norm_attention_split_*``: InternVL's
+q_proj / k_proj / v_proj); the qkv form is the split form on views of qkv.
 """
 
 from __future__ import annotations
@@ -91,6 +93,29 @@ def qk_norm_attention(
     return torch.matmul(p, vh).permute(0, 2, 1, 3).to(qkv.dtype).contiguous()
 
 
+def qk_norm_attention_split_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three-projection form: q, k, v [T, S, H·D] each. (out, lse, rstd_q, rstd_k): the
+    reciprocal RMS of q and k per token, [T, S] float32."""
+    ct = _compute_dtype(q.dtype)
+    rstd = [torch.rsqrt(x[..., :norm_features].to(ct).pow(2).mean(-1) + eps).to(torch.float32) for x in (q, k)]
+    t, s, width = q.shape
+    head_dim = width // num_heads
+    qn = rms_norm(q, q_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
+    kn = rms_norm(k, k_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
+    out, lse = attention_fwd(qn, kn, v.reshape(t, s, num_heads, head_dim), scale)
+    return out, lse, rstd[0], rstd[1]
+
+
 def qk_norm_attention_fwd(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -101,16 +126,53 @@ def qk_norm_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, rstd_q, rstd_k): the reciprocal RMS of q and k per token, [T, S] float32."""
-    width = qkv.shape[-1] // 3
-    q, k, v = qkv.split(width, dim=-1)
-    ct = _compute_dtype(qkv.dtype)
-    rstd = [torch.rsqrt(x[..., :norm_features].to(ct).pow(2).mean(-1) + eps).to(torch.float32) for x in (q, k)]
-    t, s, _ = qkv.shape
-    head_dim = width // num_heads
-    q = rms_norm(q, q_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
-    k = rms_norm(k, k_norm_weight, eps, norm_features).reshape(t, s, num_heads, head_dim)
-    out, lse = attention_fwd(q, k, v.reshape(t, s, num_heads, head_dim), scale)
-    return out, lse, rstd[0], rstd[1]
+    q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+    return qk_norm_attention_split_fwd(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+
+
+def qk_norm_attention_split_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rstd_q: torch.Tensor,
+    rstd_k: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dq_norm_weight, dk_norm_weight) by the formulas, in float32: the attention
+    backward gives the gradients g of the normalized q and k; through x_n = x · r · w (r over the
+    first ``norm_features`` features): dx = r·(g ⊙ w) − [f < n]·x·r³·Σ(g ⊙ w ⊙ x)/n,
+    dw = Σ_tokens g ⊙ x · r."""
+    ct = _compute_dtype(q.dtype)
+    t, s, features = q.shape
+    head_dim = features // num_heads
+    qf, kf, vf = (x.to(ct) for x in (q, k, v))
+    weights = (q_norm_weight.to(ct), k_norm_weight.to(ct))
+    rstd = [torch.rsqrt(x[..., :norm_features].pow(2).mean(-1, keepdim=True) + eps) for x in (qf, kf)]
+    normed = [x * r * w for x, r, w in zip((qf, kf), rstd, weights, strict=True)]
+    q_n, k_n, v_h = (x.reshape(t, s, num_heads, head_dim) for x in (*normed, vf))
+    dq_n, dk_n, dv = attention_bwd(grad_out.to(ct), q_n, k_n, v_h, None, None, scale)
+    in_norm = (torch.arange(features, device=q.device) < norm_features).to(ct)
+    grads, weight_grads = [], []
+    for x, r, w, g in zip((qf, kf), rstd, weights, (dq_n, dk_n), strict=True):
+        g = g.reshape(t, s, features)
+        gw = g * w
+        grads.append(r * gw - in_norm * x * r.pow(3) * (gw * x).sum(-1, keepdim=True) / norm_features)
+        weight_grads.append((g * x * r).sum((0, 1)))
+    return (
+        grads[0].to(q.dtype),
+        grads[1].to(k.dtype),
+        dv.reshape(t, s, features).to(v.dtype),
+        weight_grads[0].to(q_norm_weight.dtype),
+        weight_grads[1].to(k_norm_weight.dtype),
+    )
 
 
 def qk_norm_attention_bwd(
@@ -127,25 +189,8 @@ def qk_norm_attention_bwd(
     norm_features: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dqkv, dq_norm_weight, dk_norm_weight) by the formulas, in float32: the attention backward
-    gives the gradients g of the normalized q and k; through x_n = x · r · w (r over the first
-    ``norm_features`` features): dx = r·(g ⊙ w) − [f < n]·x·r³·Σ(g ⊙ w ⊙ x)/n, dw = Σ_tokens g ⊙ x · r."""
-    ct = _compute_dtype(qkv.dtype)
-    t, s, width = qkv.shape
-    features = width // 3
-    head_dim = features // num_heads
-    q, k, v = (x.to(ct) for x in qkv.split(features, dim=-1))
-    weights = (q_norm_weight.to(ct), k_norm_weight.to(ct))
-    rstd = [torch.rsqrt(x[..., :norm_features].pow(2).mean(-1, keepdim=True) + eps) for x in (q, k)]
-    normed = [x * r * w for x, r, w in zip((q, k), rstd, weights, strict=True)]
-    q_n, k_n, v_h = (x.reshape(t, s, num_heads, head_dim) for x in (*normed, v))
-    dq_n, dk_n, dv = attention_bwd(grad_out.to(ct), q_n, k_n, v_h, None, None, scale)
-    in_norm = (torch.arange(features, device=qkv.device) < norm_features).to(ct)
-    grads, weight_grads = [], []
-    for x, r, w, g in zip((q, k), rstd, weights, (dq_n, dk_n), strict=True):
-        g = g.reshape(t, s, features)
-        gw = g * w
-        grads.append(r * gw - in_norm * x * r.pow(3) * (gw * x).sum(-1, keepdim=True) / norm_features)
-        weight_grads.append((g * x * r).sum((0, 1)))
-    dqkv = torch.cat([grads[0], grads[1], dv.reshape(t, s, features)], dim=-1)
-    return dqkv.to(qkv.dtype), weight_grads[0].to(q_norm_weight.dtype), weight_grads[1].to(k_norm_weight.dtype)
+    """(dqkv, dq_norm_weight, dk_norm_weight): the three-projection form's gradients, side by side."""
+    q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+    args = (q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads, eps, norm_features, scale)
+    dq, dk, dv, dwq, dwk = qk_norm_attention_split_bwd(grad_out, q, k, v, *args)
+    return torch.cat([dq, dk, dv], dim=-1), dwq, dwk

@@ -5,7 +5,8 @@ copies) and handed to SDPA, which picks cuDNN / FlashAttention / memory-efficien
 and its fused flash kernel on a CPU; the output comes back as [T, S, H, D], contiguous (SDPA's
 kernels write it in that layout, so this is a view; ``contiguous()`` copies only otherwise).
 
-``qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)``:
+``qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)`` (and
+``qk_norm_attention_split(q, k, v, ...)``, q, k, v [T, S, H·D] from three projections):
 InternViT-6B's attention core as two steps, the way its own code runs it: a full-width RMSNorm of q
 and of k (InternRMSNorm exactly: the variance in float32 over the first ``norm_features`` features of
 the whole token, the normalized value cast to the input dtype, then times the weight), which writes
@@ -15,11 +16,12 @@ Both are plain differentiable PyTorch: the public functions call them directly, 
 torch.compile see SDPA itself (this backend *is* the peer, behind our checks and semantics).
 
 The registered ops (``attention_fwd`` / ``attention_bwd`` / ``qk_norm_attention_fwd`` /
-``qk_norm_attention_bwd``, the interface every backend module of this op has) accept this backend
-too, so ``torch.library.opcheck`` can test it: their forward also returns the base-2 log-sum-exp
-(and the reciprocal RMS of q and k) that the op's schema promises, computed with an extra q kᵀ; their
-backward recomputes the forward with autograd and takes ``torch.autograd.grad`` (the caller enables
-autograd inside the op). The public functions never take that path for this backend.
+``qk_norm_attention_bwd`` and their ``_split`` twins, the interface every backend module of this op
+has) accept this backend too, so ``torch.library.opcheck`` can test it: their forward also returns
+the base-2 log-sum-exp (and the reciprocal RMS of q and k) that the op's schema promises, computed
+with an extra q kᵀ; their backward recomputes the forward with autograd and takes
+``torch.autograd.grad`` (the caller enables autograd inside the op). The public functions never take
+that path for this backend.
 """
 
 from __future__ import annotations
@@ -50,13 +52,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_features: i
     return weight.to(x.dtype) * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-def _normed_qkv(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features):
-    """Normalized q and k ([T, S, H, D], fresh) and v (a [T, S, H, D] view of qkv)."""
-    features = qkv.shape[-1] // 3
-    q, k, v = qkv.split(features, dim=-1)
+def _normed(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features):
+    """Normalized q and k ([T, S, H, D], fresh) and v (a [T, S, H, D] view) from q, k, v [T, S, H·D]."""
+    head_dim = q.shape[-1] // num_heads
     q = rms_norm(q, q_norm_weight, eps, norm_features)
     k = rms_norm(k, k_norm_weight, eps, norm_features)
-    return tuple(x.unflatten(-1, (num_heads, features // num_heads)) for x in (q, k, v))
+    return tuple(x.unflatten(-1, (num_heads, head_dim)) for x in (q, k, v))
+
+
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qkv.split(qkv.shape[-1] // 3, dim=-1)
+
+
+def qk_norm_attention_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> torch.Tensor:
+    """q, k, v [T, S, H·D] (three projections' outputs) -> [T, S, H, D]: RMSNorm of q and of k over
+    the whole token, then SDPA."""
+    return attention(*_normed(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features), scale)
 
 
 def qk_norm_attention(
@@ -69,8 +90,7 @@ def qk_norm_attention(
     scale: float,
 ) -> torch.Tensor:
     """qkv [T, S, 3·H·D] -> [T, S, H, D]: RMSNorm of q and of k over the whole token, then SDPA."""
-    q, k, v = _normed_qkv(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
-    return attention(q, k, v, scale)
+    return qk_norm_attention_split(*_split(qkv), q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +132,23 @@ def _rstd(x: torch.Tensor, eps: float, norm_features: int) -> torch.Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1) + eps).to(torch.float32)
 
 
+def qk_norm_attention_split_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, rstd_q, rstd_k): rstd the reciprocal RMS of q and k per token, [T, S] float32."""
+    qn, kn, vh = _normed(q, k, v, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
+    rstd_q, rstd_k = _rstd(q, eps, norm_features), _rstd(k, eps, norm_features)
+    return attention(qn, kn, vh, scale), _lse(qn, kn, scale), rstd_q, rstd_k
+
+
 def qk_norm_attention_fwd(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -122,11 +159,30 @@ def qk_norm_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, rstd_q, rstd_k): rstd the reciprocal RMS of q and k per token, [T, S] float32."""
-    q, k, v = _normed_qkv(qkv, q_norm_weight, k_norm_weight, num_heads, eps, norm_features)
-    features = qkv.shape[-1] // 3
-    rstd_q = _rstd(qkv[..., :features], eps, norm_features)
-    rstd_k = _rstd(qkv[..., features : 2 * features], eps, norm_features)
-    return attention(q, k, v, scale), _lse(q, k, scale), rstd_q, rstd_k
+    return qk_norm_attention_split_fwd(*_split(qkv), q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+
+
+def qk_norm_attention_split_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rstd_q: torch.Tensor,
+    rstd_k: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dq_norm_weight, dk_norm_weight) by recomputing the forward under autograd."""
+    leaves = tuple(x.detach().requires_grad_() for x in (q, k, v, q_norm_weight, k_norm_weight))
+    with torch.enable_grad():
+        out = qk_norm_attention_split(*leaves, num_heads, eps, norm_features, scale)
+        return _grads(out, leaves, grad_out)
 
 
 def qk_norm_attention_bwd(

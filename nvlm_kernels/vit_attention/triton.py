@@ -12,7 +12,8 @@ Backward (recompute with the saved log-sum-exp): delta = rowsum(dO ⊙ O); one k
 makes dK and dV by walking the query blocks, one per query block makes dQ by walking the key blocks.
 
 QK-norm: InternViT-6B normalizes q and k with one RMSNorm over all H·D features of a token (over
-the first ``norm_features`` only when NVLM's checkpoint pads dummy heads). A first kernel writes
+the first ``norm_features`` only when NVLM's checkpoint pads dummy heads). q, k, v come as views of
+one fused qkv or as three projections' outputs (``*_split_*``), read in place either way. A first kernel writes
 only the per-token reciprocal RMS of q and k ([T, S] float32 each); the attention kernels then
 normalize q and k as they load them (x · rstd · weight), so no normalized copy is written. In the
 backward, the attention kernels give the gradients of the normalized q and k (float32), and a
@@ -555,12 +556,38 @@ def rms_norm_bwd(
     return partial.sum(0)
 
 
-def _split(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views [T, S, H, D] of the q, k, v blocks of qkv [T, S, 3·H·D] (no copies)."""
-    t, s, width = qkv.shape
-    features = width // 3
-    head_dim = features // num_heads
-    return tuple(qkv[..., i * features : (i + 1) * features].unflatten(-1, (num_heads, head_dim)) for i in range(3))
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k, v blocks [T, S, H·D] of qkv [T, S, 3·H·D] (views, no copies)."""
+    features = qkv.shape[-1] // 3
+    return tuple(qkv[..., i * features : (i + 1) * features] for i in range(3))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, S, F] with unit feature stride (the norm kernels read features contiguously)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def qk_norm_attention_split_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [T, S, H·D] each (three projections' outputs, or views of one fused qkv), read in
+    place through their strides."""
+    q, k = _rows(q), _rows(k)
+    head_dim = q.shape[-1] // num_heads
+    rstd_q = rms_rstd(q, eps, norm_features)
+    rstd_k = rms_rstd(k, eps, norm_features)
+    norm = (rstd_q, rstd_k, q_norm_weight.contiguous(), k_norm_weight.contiguous())
+    heads = (x.unflatten(-1, (num_heads, head_dim)) for x in (q, k, v))
+    out, lse = attention_fwd(*heads, scale, norm=norm)
+    return out, lse, rstd_q, rstd_k
 
 
 def qk_norm_attention_fwd(
@@ -572,15 +599,48 @@ def qk_norm_attention_fwd(
     norm_features: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    features = qkv.shape[-1] // 3
-    rstd_q = rms_rstd(qkv[..., :features], eps, norm_features)
-    rstd_k = rms_rstd(qkv[..., features : 2 * features], eps, norm_features)
-    q, k, v = _split(qkv, num_heads)
-    norm = (rstd_q, rstd_k, q_norm_weight.contiguous(), k_norm_weight.contiguous())
-    out, lse = attention_fwd(q, k, v, scale, norm=norm)
-    return out, lse, rstd_q, rstd_k
+    qkv = _rows(qkv)
+    return qk_norm_attention_split_fwd(*_split(qkv), q_norm_weight, k_norm_weight, num_heads, eps, norm_features, scale)
+
+
+def _qk_norm_bwd_into(grad_out, q, k, v, q_norm_weight, k_norm_weight, out, lse, rstd_q, rstd_k, num_heads,
+                      norm_features, scale, dq, dk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The attention backward (gradients of the normalized q, k in float32, and dv), then the norm
+    backward writing dL/dq and dL/dk into ``dq`` and ``dk`` ([T, S, H·D], unit feature stride: fresh
+    tensors or views of one dqkv). Returns (dv [T, S, H, D] contiguous, dwq, dwk)."""
+    head_dim = q.shape[-1] // num_heads
+    norm = (rstd_q, rstd_k, q_norm_weight, k_norm_weight)
+    heads = (x.unflatten(-1, (num_heads, head_dim)) for x in (q, k, v))
+    dq_normed, dk_normed, dv = attention_bwd(grad_out, *heads, out, lse, scale, norm=norm, grad_dtype=torch.float32)
+    dwq = rms_norm_bwd(q, dq_normed, rstd_q, q_norm_weight, norm_features, dq)
+    dwk = rms_norm_bwd(k, dk_normed, rstd_k, k_norm_weight, norm_features, dk)
+    return dv, dwq.to(q_norm_weight.dtype), dwk.to(k_norm_weight.dtype)
+
+
+def qk_norm_attention_split_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rstd_q: torch.Tensor,
+    rstd_k: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm_features: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv [T, S, H·D] contiguous, dq_norm_weight, dk_norm_weight)."""
+    q, k = _rows(q), _rows(k)
+    weights = (q_norm_weight.contiguous(), k_norm_weight.contiguous())
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv, dwq, dwk = _qk_norm_bwd_into(grad_out, q, k, v, *weights, out, lse, rstd_q, rstd_k, num_heads,
+                                     norm_features, scale, dq, dk)  # fmt: skip
+    return dq, dk, dv.flatten(-2), dwq, dwk
 
 
 def qk_norm_attention_bwd(
@@ -597,21 +657,15 @@ def qk_norm_attention_bwd(
     norm_features: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
-    features = qkv.shape[-1] // 3
-    q, k, v = _split(qkv, num_heads)
-    norm = (rstd_q, rstd_k, q_norm_weight, k_norm_weight)
-    dq_normed, dk_normed, dv = attention_bwd(grad_out, q, k, v, out, lse, scale, norm=norm, grad_dtype=torch.float32)
+    """(dqkv, dq_norm_weight, dk_norm_weight): the norm backward writes dq and dk straight into dqkv."""
+    qkv = _rows(qkv)
+    weights = (q_norm_weight.contiguous(), k_norm_weight.contiguous())
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    dqkv[..., 2 * features :] = dv.flatten(-2)
-    dwq = rms_norm_bwd(qkv[..., :features], dq_normed, rstd_q, q_norm_weight, norm_features, dqkv[..., :features])
-    dwk = rms_norm_bwd(
-        qkv[..., features : 2 * features], dk_normed, rstd_k, k_norm_weight, norm_features,
-        dqkv[..., features : 2 * features],
-    )  # fmt: skip
-    return dqkv, dwq.to(q_norm_weight.dtype), dwk.to(k_norm_weight.dtype)
+    dq, dk, dv_slot = _split(dqkv)
+    dv, dwq, dwk = _qk_norm_bwd_into(grad_out, *_split(qkv), *weights, out, lse, rstd_q, rstd_k, num_heads,
+                                     norm_features, scale, dq, dk)  # fmt: skip
+    dv_slot.copy_(dv.flatten(-2))
+    return dqkv, dwq, dwk
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from nvlm_kernels.vit_attention import (
     vit_attention_op,
     vit_qk_norm_attention_bwd_op,
     vit_qk_norm_attention_op,
+    vit_qk_norm_attention_split_bwd_op,
+    vit_qk_norm_attention_split_op,
 )
 
 OP = "vit_attention"
@@ -309,6 +311,141 @@ def test_qk_norm_bad_input(kwargs, exc, word):
             args[name] = kwargs.pop(name)
     with pytest.raises(exc, match=word):
         nk.vit_qk_norm_attention(args["qkv"], args["q_norm_weight"], args["k_norm_weight"], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# vit_qk_norm_attention from three projections: (q, k, v) [T, S, H·D] each (issue 15: Hugging Face
+# InternVL's q_proj / k_proj / v_proj, read in place; the backward returns dq, dk, dv apart)
+
+SPLIT_CASES = [  # (backend, T, S, H, D, norm_features, dtype on CPU)
+    ("reference", 2, 17, 2, 40, 60, torch.float32),
+    ("sdpa", 2, 33, 3, 64, 150, torch.float32),
+    ("triton", 2, 65, 2, 64, 100, torch.float16),
+    ("triton", 1, 33, 2, 128, None, torch.float16),
+]
+
+
+def _split_inputs(t, s, h, d, norm_features, gen):
+    features = h * d
+    q, k, v = (torch.randn(t, s, features, generator=gen) for _ in range(3))
+    if norm_features is not None:  # dummy heads hold zeros (NVLM's padded checkpoint)
+        for x in (q, k, v):
+            x[..., norm_features:] = 0
+    wq, wk = (1 + 0.3 * torch.randn(features, generator=gen) for _ in range(2))
+    return q, k, v, wq, wk
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{c[0]}-" + "x".join(map(str, c[1:6])))
+def test_qk_norm_split_form_against_oracle(device, case):
+    backend, t, s, h, d, norm_features, cpu_dtype = case
+    require_backend(OP_FUSED, backend, device)
+    gen = torch.Generator().manual_seed(t * s + h)
+    dtypes = [cpu_dtype] if device == "cpu" else ([torch.float16, torch.bfloat16])
+    nf = norm_features or h * d
+    for dtype in dtypes:
+        q, k, v, wq, wk = (x.to(device, dtype) for x in _split_inputs(t, s, h, d, norm_features, gen))
+
+        def run(q, k, v, a, b, nf=nf):
+            with nk.use_backend(backend):
+                out = nk.vit_qk_norm_attention((q, k, v), a, b, num_heads=h, norm_features=nf, eps=1e-5)
+            assert out.shape == (q.shape[0], q.shape[1], h, d) and out.is_contiguous()
+            return out
+
+        def oracle(q, k, v, a, b, low, nf=nf):
+            return oracle_qk_norm_attention(torch.cat([q, k, v], -1), a, b, h, 1e-5, nf, d**-0.5, low)
+
+        _check_against_oracle(run, oracle, (q, k, v, wq, wk), ["q", "k", "v", "q_norm_weight", "k_norm_weight"], dtype)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "sdpa", "triton"])
+def test_qk_norm_split_form_equals_the_qkv_form(device, backend_name):
+    """(q, k, v) from three projections and the same numbers in one fused qkv give the same output
+    and the same gradients (dq, dk, dv are the blocks of dqkv) on every backend."""
+    require_backend(OP_FUSED, backend_name, device)
+    dtype = torch.float16 if backend_name == "triton" else torch.float32
+    gen = torch.Generator().manual_seed(21)
+    qkv = torch.randn(2, 33, 3 * 128, generator=gen).to(device, dtype)
+    wq, wk = ((1 + 0.3 * torch.randn(128, generator=gen)).to(device, dtype) for _ in range(2))
+    g = torch.randn(2, 33, 2, 64, generator=gen).to(device, dtype)
+    fused = [_leaf(x) for x in (qkv, wq, wk)]
+    split = [_leaf(x) for x in (*qkv.split(128, -1), wq, wk)]
+    with nk.use_backend(backend_name):
+        out_fused = nk.vit_qk_norm_attention(fused[0], fused[1], fused[2], num_heads=2, norm_features=96)
+        out_split = nk.vit_qk_norm_attention(tuple(split[:3]), split[3], split[4], num_heads=2, norm_features=96)
+    grads_fused = torch.autograd.grad(out_fused, fused, g)
+    grads_split = torch.autograd.grad(out_split, split, g)
+    assert torch.equal(out_fused, out_split)
+    assert torch.equal(grads_fused[0], torch.cat(grads_split[:3], -1))
+    assert torch.equal(grads_fused[1], grads_split[3]) and torch.equal(grads_fused[2], grads_split[4])
+
+
+def test_qk_norm_split_form_reads_strided_projections(device):
+    """q, k, v as strided views (features contiguous, tokens not) equal contiguous copies, forward and
+    backward; and outputs of three Linear layers go in as they are."""
+    require_backend(OP_FUSED, "triton", device)
+    gen = torch.Generator().manual_seed(22)
+    big = torch.randn(2, 33, 5 * 128, generator=gen).to(device, torch.float16)
+    q, k, v = big[..., :128], big[..., 256:384], big[..., 512:]
+    assert not q.is_contiguous()
+    wq, wk = ((1 + 0.3 * torch.randn(128, generator=gen)).to(device, torch.float16) for _ in range(2))
+    with nk.use_backend("triton"):
+        strided = nk.vit_qk_norm_attention((q, k, v), wq, wk, num_heads=2)
+        contiguous = nk.vit_qk_norm_attention((q.contiguous(), k.contiguous(), v.contiguous()), wq, wk, num_heads=2)
+    assert torch.equal(strided, contiguous)
+
+
+def test_qk_norm_split_opcheck(device, backend):
+    if backend == "cuda":
+        pytest.skip("vit_qk_norm_attention has no CUDA C++ kernel (Triton is the kernel backend)")
+    for name in (backend, "sdpa") if backend == "reference" else (backend,):  # the peer once
+        require_backend(OP_FUSED, name, device)
+        dtype = torch.float16 if name == "triton" else torch.float32
+        gen = torch.Generator().manual_seed(23)
+        q, k, v = (torch.randn(1, 17, 128, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        wq, wk = ((1 + 0.3 * torch.randn(128, generator=gen)).to(device, dtype).requires_grad_() for _ in range(2))
+        args = (q, k, v, wq, wk, 2, 1e-6, 100, 0.125)
+        torch.library.opcheck(vit_qk_norm_attention_split_op, (*args, name))
+        outs = vit_qk_norm_attention_split_op(*args, name)
+        plain = [x.detach() for x in (torch.randn_like(outs[0]), q, k, v, wq, wk, *outs)]
+        torch.library.opcheck(vit_qk_norm_attention_split_bwd_op, (*plain, *args[5:], name))
+
+
+def test_qk_norm_split_compile_fullgraph(device, backend):
+    if backend == "cuda":
+        pytest.skip("vit_qk_norm_attention has no CUDA C++ kernel (Triton is the kernel backend)")
+    require_backend(OP_FUSED, backend, device)
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    gen = torch.Generator().manual_seed(24)
+    leaves = [torch.randn(1, 17, 128, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
+    leaves += [(1 + 0.3 * torch.randn(128, generator=gen)).to(device, dtype).requires_grad_() for _ in range(2)]
+
+    def loss(q, k, v, a, b):
+        return nk.vit_qk_norm_attention((q, k, v), a, b, num_heads=2).float().square().sum()
+
+    with nk.use_backend(backend):
+        torch._dynamo.reset()
+        compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+        eager = torch.autograd.grad(loss(*leaves), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+
+
+@pytest.mark.parametrize(
+    "make, exc, word",
+    [
+        (lambda x: (x, x), ValueError, "(q, k, v)"),
+        (lambda x: (x, x[:, :3], x), ValueError, "same shape"),
+        (lambda x: (x, x.half(), x), TypeError, "same dtype"),
+        (lambda x: (x[0], x[0], x[0]), ValueError, "3 dims"),
+        (lambda x: (x[..., :96], x[..., :96], x[..., :96]), ValueError, "q_norm_weight"),
+    ],
+)
+def test_qk_norm_split_bad_input(make, exc, word):
+    x = torch.randn(1, 4, 128)
+    with pytest.raises(exc) as info:
+        nk.vit_qk_norm_attention(make(x), torch.ones(128), torch.ones(128), num_heads=2)
+    assert word in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match="num_heads"):
+        nk.vit_qk_norm_attention((x, x, x), torch.ones(128), torch.ones(128), num_heads=3)
 
 
 # --------------------------------------------------------------------------------------------------
