@@ -15,6 +15,11 @@ tile's image keys). A text row sees, by policy:
   image token, and images whose tokens are adjacent form a group that stays visible together.
 * ``"flamingo"``: the most recent image only (``attend_all_previous``: every image so far).
 
+``ranges_from_tile_mask(tile_mask, tokens_per_tile)`` takes a tile-level mask instead (Hugging
+Face's Mllama processor gives one: text rows × images × max_tiles): it drops the tiles no row sees
+(padding tiles) from the key sequence, so that each row's tiles become one contiguous range, and
+says which tiles to gather; the token-level mask is never built.
+
 Everything is computed with tensor operations on the inputs' device, without a Python loop over
 tokens. The ranges it returns are well formed by construction (0 <= start <= end) and are marked
 as such: ``gated_cross_attention`` skips its host check of their values (a device sync) for them,
@@ -22,6 +27,8 @@ as long as they are not modified in place (``is_trusted``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -204,3 +211,87 @@ def ranges_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     end = torch.where(any_key, last + 1, 0).to(torch.int32)
     mark_trusted(start, end)
     return start, end
+
+
+class TileRanges(NamedTuple):
+    """``ranges_from_tile_mask``'s answer. ``tile_index`` [B, num_tiles] (int64) names, per batch row,
+    the tiles of the given key sequence that make the compacted one, in order (gather the keys with
+    it); None when the compacted keys are simply the first ``num_tiles`` tiles of every row (take a
+    slice, or nothing when that is all of them). ``row_has_tiles`` [B, R]: the row sees some tile."""
+
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+    tile_index: torch.Tensor | None
+    num_tiles: int
+    row_has_tiles: torch.Tensor
+
+
+TILE_ROWS_WITHOUT_TILES = ("empty", "all")
+
+
+def ranges_from_tile_mask(
+    tile_mask: torch.Tensor,
+    tokens_per_tile: int,
+    *,
+    rows_without_tiles: str = "empty",
+    rows: slice | None = None,
+) -> TileRanges:
+    """Ranges over a compacted key sequence, from a tile-level mask, without the token-level mask.
+
+    ``tile_mask`` (bool [B, S, J]) says which of J tiles each text row sees; tile j holds keys
+    [j·tokens_per_tile, (j+1)·tokens_per_tile) of a padded key sequence (Mllama: images × max_tiles
+    slots, padding tiles included, so the tiles of a group of images are not adjacent there). Per
+    batch row the keys are compacted: the tiles some row sees, in their order, then the others; the
+    key sequence keeps ``num_tiles`` tiles: as many as the batch row that sees the most, or all J
+    when ``rows_without_tiles="all"`` and some row sees none. A row sees one contiguous range of the
+    compacted keys; a row that sees no tile gets the empty range (``"empty"``: exact zeros), or every
+    key (``"all"``: what Hugging Face's Mllama masking computes for text before the first image).
+
+    ``rows`` (a slice of S, default all) picks the rows to return ranges for; the compaction is
+    decided by every row, so a decoding step given the whole mask gets the layout of its prefill.
+    Raises ValueError for a row whose tiles are not one contiguous run of the compacted sequence.
+    One device->host transfer; the ranges are marked well formed (no check in the op).
+    """
+    if not isinstance(tile_mask, torch.Tensor) or tile_mask.dtype != torch.bool or tile_mask.dim() != 3:
+        raise ValueError(
+            f"tile_mask must be a bool tensor [B, S, J], got {getattr(tile_mask, 'dtype', type(tile_mask).__name__)} "
+            f"{tuple(getattr(tile_mask, 'shape', ()))}"
+        )
+    if isinstance(tokens_per_tile, bool) or not isinstance(tokens_per_tile, int) or tokens_per_tile < 1:
+        raise ValueError(f"tokens_per_tile must be a positive int, got {tokens_per_tile!r}")
+    if rows_without_tiles not in TILE_ROWS_WITHOUT_TILES:
+        raise ValueError(f"rows_without_tiles must be one of {TILE_ROWS_WITHOUT_TILES}, got {rows_without_tiles!r}")
+    batch, length, tiles = tile_mask.shape
+    rows = slice(None) if rows is None else rows
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise ValueError(f"rows must be a slice with step 1, got {rows!r}")
+    device = tile_mask.device
+
+    seen = tile_mask.any(1)  # [B, J]: tiles some row sees
+    has = tile_mask.any(2)  # [B, S]
+    order = torch.sort((~seen).to(torch.uint8), dim=1, stable=True).indices  # seen tiles first, in order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(tiles, device=device).expand(batch, tiles))
+    rank = rank[:, None, :].expand(batch, length, tiles)
+    if tiles:
+        lo = torch.where(tile_mask, rank, tiles).amin(2)  # first and one past the last seen position
+        hi = torch.where(tile_mask, rank, -1).amax(2) + 1
+    else:
+        lo = hi = torch.zeros_like(has, dtype=torch.long)
+    broken = has & (hi - lo != tile_mask.sum(2))
+    prefix = (seen[:, 1:] <= seen[:, :-1]).all()  # every row's seen tiles come first already
+    most_seen = seen.sum(1).amax() if batch else torch.zeros((), dtype=torch.long, device=device)
+    flags = torch.stack([broken.any().long(), prefix.long(), (~has).any().long(), most_seen.long()])
+    any_broken, is_prefix, any_without, most = flags.tolist()  # the one transfer
+    if any_broken:
+        b, s = (int(x) for x in broken.nonzero()[0])
+        raise ValueError(f"tile_mask row [{b}, {s}]: its tiles are not one contiguous run once unseen tiles are gone")
+    keep_all = rows_without_tiles == "all" and bool(any_without)
+    num_tiles = tiles if keep_all else most
+
+    lo, hi, has_rows = lo[:, rows], hi[:, rows], has[:, rows]
+    start = torch.where(has_rows, lo * tokens_per_tile, 0)
+    end = torch.where(has_rows, hi * tokens_per_tile, num_tiles * tokens_per_tile if keep_all else 0)
+    start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+    mark_trusted(start, end)
+    tile_index = None if is_prefix else order[:, :num_tiles].contiguous()
+    return TileRanges(start, end, tile_index, num_tiles, has_rows.contiguous())

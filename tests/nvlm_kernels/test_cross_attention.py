@@ -25,6 +25,7 @@ import torch
 import nvlm_kernels as nk
 from nvlm_kernels import _backend, _device
 from nvlm_kernels.cross_attention import gated_cross_attention_bwd_op, gated_cross_attention_op
+from nvlm_kernels.cross_attention.ranges import is_trusted, ranges_from_tile_mask
 from nvlm_kernels.testing import HostSyncCounter, assert_close_flash, require_backend
 
 OP = "gated_cross_attention"
@@ -423,6 +424,72 @@ def test_ranges_from_mask_and_errors():
         nk.ranges_from_mask(mask)
     with pytest.raises(ValueError, match="bool"):
         nk.ranges_from_mask(mask.int())
+
+
+def _tile_mask(positions: list[int], tiles: list[int], max_tiles: int) -> torch.Tensor:
+    """Hugging Face's Mllama processor mask at tile level: [SQ, images · max_tiles]."""
+    return _hf_mllama_mask(positions, tiles, SQ, max_tiles).view(SQ, len(tiles) * max_tiles, TPT)[..., 0]
+
+
+def _compacted_token_mask(tile_mask: torch.Tensor, tile_index: torch.Tensor | None, num_tiles: int) -> torch.Tensor:
+    """The token-level mask [B, S, num_tiles · TPT] of the keys gathered as tile_index says."""
+    if tile_index is None:
+        tile_index = torch.arange(num_tiles).expand(tile_mask.shape[0], num_tiles)
+    gathered = tile_mask.gather(2, tile_index[:, None, :].expand(-1, tile_mask.shape[1], -1))
+    return gathered.repeat_interleave(TPT, dim=-1)
+
+
+@pytest.mark.parametrize("rows_without_tiles", ["empty", "all"])
+def test_ranges_from_tile_mask_compacts_the_padding_tiles(rows_without_tiles):
+    """Two batch rows of the HF processor's masks (padding tiles between the images of a group, text
+    before the first image): after gathering the keys tile_index names, every row sees exactly its
+    tiles' keys as one range; rows with no tile see nothing ("empty") or every key ("all")."""
+    max_tiles = 3
+    mask = torch.stack([_tile_mask([3, 4, 15], [3, 1, 2], max_tiles), _tile_mask([0, 9, 10], [1, 2, 2], max_tiles)])
+    with HostSyncCounter() as counter:
+        tr = ranges_from_tile_mask(mask, TPT, rows_without_tiles=rows_without_tiles)
+    assert counter.calls == ["Tensor.tolist"]
+    keep_all = rows_without_tiles == "all"  # row 0 has text before its first image
+    assert tr.num_tiles == (3 * max_tiles if keep_all else 6) and tr.tile_index is not None
+    assert tr.tile_index.shape == (2, tr.num_tiles)
+    if keep_all:  # a permutation of every tile
+        assert torch.equal(tr.tile_index.sort(1).values, torch.arange(9).expand(2, 9))
+    expected = _compacted_token_mask(mask, tr.tile_index, tr.num_tiles)
+    keys = torch.arange(tr.num_tiles * TPT)
+    got = (keys >= tr.kv_start[..., None]) & (keys < tr.kv_end[..., None])
+    has = mask.any(-1)
+    assert torch.equal(tr.row_has_tiles, has)
+    assert torch.equal(got[has], expected[has])
+    assert bool(got[~has].all()) if keep_all else not bool(got[~has].any())
+    assert is_trusted(tr.kv_start) and is_trusted(tr.kv_end)
+    part = ranges_from_tile_mask(mask, TPT, rows_without_tiles=rows_without_tiles, rows=slice(5, 7))
+    assert torch.equal(part.kv_start, tr.kv_start[:, 5:7]) and torch.equal(part.kv_end, tr.kv_end[:, 5:7])
+    assert part.num_tiles == tr.num_tiles and torch.equal(part.tile_index, tr.tile_index)
+
+
+def test_ranges_from_tile_mask_keeps_a_prefix_in_place_and_errors():
+    """Every row's seen tiles already first (all tiles real): no gather, only a count; a row whose
+    tiles are not contiguous even after compaction, and bad arguments, are errors."""
+    mask = _tile_mask([0, 1], [2, 2], 2)[None]  # two adjacent images with every tile real
+    tr = ranges_from_tile_mask(mask, TPT)
+    assert tr.tile_index is None and tr.num_tiles == 4
+    assert tr.kv_start[0, 5].item() == 0 and tr.kv_end[0, 5].item() == 4 * TPT
+    one = _tile_mask([0], [2], 3)[None]  # one image, 2 of 3 tiles real: the first 2 tiles, in place
+    tr = ranges_from_tile_mask(one, TPT)
+    assert tr.tile_index is None and tr.num_tiles == 2
+    broken = mask.clone()
+    broken[0, 7] = torch.tensor([True, False, True, False])  # tiles 0 and 2, tile 1 seen elsewhere
+    with pytest.raises(ValueError, match=re.escape("tile_mask row [0, 7]")):
+        ranges_from_tile_mask(broken, TPT)
+    for kwargs, word in [
+        (dict(tokens_per_tile=0), "tokens_per_tile"),
+        (dict(rows_without_tiles="leak"), "rows_without_tiles"),
+        (dict(rows=slice(0, 4, 2)), "rows"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            ranges_from_tile_mask(mask, **{"tokens_per_tile": TPT, **kwargs})
+    with pytest.raises(ValueError, match="bool"):
+        ranges_from_tile_mask(mask.int(), TPT)
 
 
 @pytest.mark.parametrize(
