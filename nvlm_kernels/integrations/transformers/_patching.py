@@ -99,6 +99,20 @@ def class_patches() -> list[tuple[type, str]]:
     return list(_class_patches)
 
 
+def unpatched_attribute(cls: type, name: str):
+    """What ``cls.<name>`` is without our class-level patches (through the MRO): the function an
+    instance- or class-level replacement calls to run the model's own code (or another library's
+    patch of it), never one of ours twice."""
+    for klass in cls.__mro__:
+        if (klass, name) in _class_patches:
+            previous = _class_patches[(klass, name)]
+            if previous is not _MISSING:
+                return previous
+        elif name in klass.__dict__:
+            return klass.__dict__[name]
+    raise AttributeError(f"{cls.__name__} has no attribute {name!r}")
+
+
 def revert_classes(classes: tuple[type, ...] | None = None) -> list[str]:
     """Undo class-level patches (of ``classes``, or all); returns "Class.method" lines."""
     restored = []
