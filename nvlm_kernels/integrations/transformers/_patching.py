@@ -16,7 +16,26 @@ from collections.abc import Callable
 from torch import nn
 
 PATCHED_ATTR = "_nvlm_kernels_patched"  # on a patched module: {method name: what its __dict__ held before}
-_MISSING = object()
+
+
+class _Missing:
+    """The sentinel for "nothing was there": it stays itself through ``copy.deepcopy`` and pickle,
+    so a copied patched model (an EMA copy, say) reverts to the class's method, not to a copy of it."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __copy__(self) -> _Missing:
+        return self
+
+    def __deepcopy__(self, memo) -> _Missing:
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 # (class, method name) -> what the class's __dict__ held before the class-level patch
 _class_patches: dict[tuple[type, str], object] = {}
