@@ -225,3 +225,19 @@ def test_info_shows_measurements(tmp_path):
     ).stdout  # fmt: skip
     assert "measured: float32 S=1024,D=64,TH=8 fwd -> reference" in out
     assert "auto picks: sdpa where nothing was measured (the default peer)" in out
+
+
+def test_tuner_case_specs():
+    """--preset takes a model's shapes; --case parses explicit ones (nothing measured here)."""
+    from nvlm_kernels import tune
+
+    cases = {c.op: c for c in tune.preset_cases("nvlm-x-72b")}
+    assert cases["vit_qk_norm_attention"].label == "7x1025x25x128"
+    assert cases["mlp_projector"].label == "1792tok,12800->8192"  # NVLM-X: one Linear
+    assert "B1,Sq2048,Skv1792,64/8x128" in [c.label for c in tune.preset_cases("nvlm-x-72b")]
+    assert [c.op for c in tune.preset_cases("nvlm-d-72b")] == ["vit_qk_norm_attention", "mlp_projector"]
+    assert tune.parse_case("vit_attention:T=7,S=1025,H=16,D=64").label == "7x1025x16x64"
+    with pytest.raises(SystemExit, match="missing D"):
+        tune.parse_case("vit_attention:T=7,S=1025,H=16")
+    with pytest.raises(SystemExit, match="unknown op"):
+        tune.parse_case("flash:T=1")
