@@ -17,7 +17,7 @@ structure stay: the tanh gates are still applied by ``MllamaCrossAttentionDecode
 * ``MllamaVisionAttention.forward``: Hugging Face's aspect-ratio mask lets every real patch attend
   to every position (padding patches and padding tiles included) and a padding position (the 7
   patches that pad each tile's 1601 to 1608, and padding tiles) only to real positions. A call whose
-  mask masks nothing (no padding position) runs ``vit_attention``; a call with that mask runs
+  mask masks nothing (a mask of zeros: no padding position) runs ``vit_attention``; a call with that mask runs
   ``gated_cross_attention`` with each image's keys reordered real positions first, so that real rows
   see all keys and padding rows the first ``n_real``: the same attention, exactly. In practice every
   call of Hugging Face's vision encoder has padding patches (1601 is not a multiple of 8), so it is
@@ -38,7 +38,11 @@ the rows of ``Describe`` attend to the image in Hugging Face's model:
   (an empty range), so ``Describe``'s hidden states are exactly those of the text alone.
 
 Other masks (a row whose tiles are not contiguous even after compaction), and training with
-cross-attention dropout, run Hugging Face's code (a warning says why, once).
+cross-attention dropout, run Hugging Face's code (a warning says why, once); so do calls without a
+mask (Hugging Face's attention then depends on ``attn_implementation``: SDPA treats an unmasked
+Mllama attention as causal, eager as full). Under autocast the
+attention computes in the autocast dtype, as SDPA does. The attention weights are not returned
+(None, as with SDPA).
 """
 
 from __future__ import annotations
@@ -261,8 +265,9 @@ def _cross_attention_forward(
     """MllamaTextCrossAttention.forward on gated_cross_attention (q/k RMSNorm, GQA and the key/value
     cache as Hugging Face's; the layer applies tanh(gate))."""
     original = unpatched_attribute(type(self), "forward")
-    if attention_mask is not None and not isinstance(attention_mask, CrossAttentionRanges):
-        # a dense mask: the text model called without our MllamaModel wrapper, or a mask we leave to HF
+    if not isinstance(attention_mask, CrossAttentionRanges):
+        # a dense mask (the text model called without our MllamaModel wrapper, or a mask left to HF), or
+        # none: then HF's attention depends on attn_implementation (SDPA makes it causal over the keys)
         return original(
             self, hidden_states, cross_attention_states, past_key_values, attention_mask, use_cache, **kwargs
         )
@@ -277,7 +282,7 @@ def _cross_attention_forward(
         value = self.v_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim)
         key = self.k_norm(key)
         if past_key_values is not None:
-            if isinstance(attention_mask, CrossAttentionRanges) and past_key_values.get_seq_length(self.layer_idx):
+            if past_key_values.get_seq_length(self.layer_idx):
                 raise NotImplementedError(
                     "nvlm_kernels (Mllama): new images for a cache that already holds image keys; the key ranges "
                     "cover one set of images (revert_nvlm_kernels(model) to run Hugging Face's code)"
@@ -291,14 +296,20 @@ def _cross_attention_forward(
         raise ValueError(
             "Cross attention layer can't find neither `cross_attn_states` nor cached values for key/values!"
         )
-    if attention_mask is None:  # no mask: every row sees every key, as in Hugging Face's code
-        start = torch.zeros(bsz, q_len, dtype=torch.int32, device=query.device)
-        end = torch.full_like(start, key.shape[1])
-        mark_trusted(start, end)
-    else:
-        start, end = attention_mask.kv_start, attention_mask.kv_end
-    out = nk.gated_cross_attention(query, key, value, start, end, softmax_scale=self.scaling)
+    query, key, value = _autocast(query, key, value)
+    out = nk.gated_cross_attention(
+        query, key, value, attention_mask.kv_start, attention_mask.kv_end, softmax_scale=self.scaling
+    )
     return self.o_proj(out.reshape(bsz, q_len, -1)), None
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the dtype SDPA would compute in (the q/k RMSNorms return float32 there)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _cross_attention_dense(self, original, hidden_states, states, past_key_values, ranges, use_cache, kwargs):
@@ -306,11 +317,10 @@ def _cross_attention_dense(self, original, hidden_states, states, past_key_value
         num_keys = states.shape[0] * states.shape[1] // hidden_states.shape[0]
     else:
         num_keys = past_key_values.layers[self.layer_idx].keys.shape[-2]
-    mask = None if ranges is None else ranges.dense_mask(num_keys, hidden_states.dtype)
+    mask = ranges.dense_mask(num_keys, hidden_states.dtype)
     out, weights = original(self, hidden_states, states, past_key_values, mask, use_cache, **kwargs)
-    if ranges is not None:  # an empty range is exactly 0 (Hugging Face would average every key)
-        out = out * (ranges.kv_end > ranges.kv_start)[..., None].to(out.dtype)
-    return out, weights
+    # an empty range is exactly 0 (Hugging Face would average every key)
+    return out * (ranges.kv_end > ranges.kv_start)[..., None].to(out.dtype), weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +335,7 @@ class _VisionPlan:
 
 
 _NO_PADDING = _VisionPlan(None, None, None)
+# (No mask at all is left to Hugging Face: its SDPA path then makes the vision attention causal.)
 _VISION_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (its version, plan or None)
 
 
@@ -336,8 +347,6 @@ def _version(t: torch.Tensor) -> int | None:
 def _vision_plan(mask, batch: int, length: int) -> _VisionPlan | None:
     """How to run a vision attention call with this mask (None: Hugging Face's code). Computed once
     per mask tensor (every layer of both encoders gets the same one), in one transfer."""
-    if mask is None:
-        return _NO_PADDING
     if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() or mask.shape != (batch, 1, length, length):
         return None
     cached = _VISION_PLANS.get(mask)
@@ -380,6 +389,7 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor | None = None, a
     query = self.q_proj(hidden_states).view(shape)
     key = self.k_proj(hidden_states).view(shape)
     value = self.v_proj(hidden_states).view(shape)
+    query, key, value = _autocast(query, key, value)
     if plan.key_order is None:
         out = nk.vit_attention(query, key, value, softmax_scale=self.scaling)
     else:
