@@ -84,17 +84,19 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 def _run(model, batch, dtype):
     """(logits, loss, {name: grad}) of one forward + backward."""
     model.zero_grad(set_to_none=True)
-    inputs = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     out = model(**inputs)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def _check_flash(config, dtype, backend, *, seed=0, expect=None):
+def _check_flash(config, dtype, backend, *, seed=0, device="cpu"):
     """Patched (``backend``) vs unpatched (dtype, float64): logits, loss, every gradient; and
     the ops that ran."""
-    lo = _model(config, seed).to(dtype)
+    lo = _model(config, seed).to(device, dtype)
     hi = copy.deepcopy(lo).double()
     patched = copy.deepcopy(lo)
     report = apply_nvlm_kernels(patched)
@@ -126,6 +128,26 @@ def test_auto_runs_the_peers_float32():
 def test_triton_interpreter_float16():
     require_backend("vit_qk_norm_attention", "triton", "cpu")
     _check_flash(_config(), torch.float16, "triton", seed=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the compiled Triton kernels need one")
+def test_cuda_triton_bfloat16():
+    _check_flash(_config(), torch.bfloat16, "triton", seed=6, device="cuda")
+
+
+def test_compiled_image_features_fullgraph():
+    """torch.compile(fullgraph=True) traces the patched get_image_features (our ops included) and
+    gives the eager result."""
+    model = _model(_config(), seed=9)
+    apply_nvlm_kernels(model)
+    pixels = _batch(9)["pixel_values"]
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x: model.model.get_image_features(pixel_values=x).pooler_output, fullgraph=True, backend="aot_eager"
+    )
+    with torch.no_grad():
+        eager = model.model.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(compiled(pixels), eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -273,14 +273,16 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _run(model, batch, dtype):
     model.zero_grad(set_to_none=True)
-    out = model(**{**batch, "pixel_values": batch["pixel_values"].to(dtype)})
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    out = model(**{**inputs, "pixel_values": inputs["pixel_values"].to(dtype)})
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def _check_flash(dtype, backend, *, seed=0, vision=None, **kwargs):
-    lo = _model(seed, vision=vision or {}, **kwargs).to(dtype)
+def _check_flash(dtype, backend, *, seed=0, vision=None, device="cpu", **kwargs):
+    lo = _model(seed, vision=vision or {}, **kwargs).to(device, dtype)
     hi = copy.deepcopy(lo).double()
     patched = copy.deepcopy(lo)
     report = apply_nvlm_kernels(patched)
@@ -323,6 +325,11 @@ def test_auto_runs_the_peers_float32():
 def test_triton_interpreter_float16():
     require_backend("vit_qk_norm_attention", "triton", "cpu")
     _check_flash(torch.float16, "triton", seed=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the compiled Triton kernels need one")
+def test_cuda_triton_bfloat16():
+    _check_flash(torch.bfloat16, "triton", seed=6, device="cuda")
 
 
 def test_twenty_adamw_steps_match():
