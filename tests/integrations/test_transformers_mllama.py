@@ -33,7 +33,7 @@ from nvlm_kernels.integrations.transformers import (  # noqa: E402
     nvlm_kernels_patched,
     revert_nvlm_kernels,
 )
-from nvlm_kernels.testing import OpCalls, assert_close_flash, flash_error_bound  # noqa: E402
+from nvlm_kernels.testing import HostSyncCounter, OpCalls, assert_close_flash, flash_error_bound  # noqa: E402
 
 CROSS, VIT = "gated_cross_attention", "vit_attention"
 IMG = 96  # the image token: vocab_size (the embedding has 8 rows more)
@@ -165,6 +165,16 @@ def _assert_matches(out, lo, hi, *, relative_grads: bool = False) -> None:
         floor = flash_error_bound(hi[2][name], hi[2][name], out_dtype=out[2][name].dtype)  # rounding to fp16
         err = (out[2][name].double() - hi[2][name]).abs().max().item()
         assert err <= 2 * worst_lo * hi[2][name].abs().max().item() + floor, f"grad of {name}: {err:.3e}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny GEMMs: one intra-op thread (on a loaded 2-core machine, OpenMP threads waiting on each
+    other made a training step 100x slower); restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +360,51 @@ def test_generate_gives_the_same_tokens(base, strict):
     assert torch.equal(got, expected)
     assert calls.count(CROSS) == len(CROSS_LAYERS) + VISION_LAYERS  # the prefill
     assert calls.count(CROSS, "decode") == len(CROSS_LAYERS) * 4  # four decoding steps
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["parity", "strict"])
+def test_chunked_prefill_reads_the_mask_rows_of_its_tokens(base, strict):
+    """A prompt in two calls (the second reads the cached image keys): each call's rows take their
+    own rows of the whole mask (row 4 sees image 0, rows 5.. the group of images 1 and 2), so the
+    second call's logits are the one-call forward's."""
+    x = _inputs(SAMPLES, labels=False)
+    ours = _copy(base, torch.float32, patch=True, strict_image_masking=strict)
+    split = 4
+    first = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        whole = ours(**x).logits
+        cache = ours(input_ids=x["input_ids"][:, :split], attention_mask=x["attention_mask"][:, :split], **first)
+        with OpCalls() as calls:
+            rest = ours(
+                input_ids=x["input_ids"][:, split:], attention_mask=x["attention_mask"],
+                cross_attention_mask=x["cross_attention_mask"], past_key_values=cache.past_key_values,
+            ).logits  # fmt: skip
+    assert calls.count(CROSS) == len(CROSS_LAYERS)
+    torch.testing.assert_close(cache.logits, whole[:, :split])
+    torch.testing.assert_close(rest, whole[:, split:])
+
+
+def test_host_transfers_per_call(base):
+    """The patch adds one device->host transfer to a prefill forward for the text layout and one
+    for the vision plan (shared by every layer), and one to a decoding step (the layout of the new
+    row): no per-layer range checks (the ranges are made trusted)."""
+    x = _inputs(SAMPLES, labels=False)
+    counts = []
+    for patch in (False, True):
+        model = _copy(base, torch.float32, patch=patch)
+        with torch.no_grad(), HostSyncCounter() as prefill:
+            out = model(**x, use_cache=True)
+        step = dict(
+            input_ids=out.logits[:, -1:].argmax(-1),
+            attention_mask=torch.cat([x["attention_mask"], torch.ones_like(x["attention_mask"][:, :1])], 1),
+            cross_attention_mask=torch.cat([x["cross_attention_mask"], x["cross_attention_mask"][:, -1:]], 1),
+            past_key_values=out.past_key_values,
+        )
+        with torch.no_grad(), HostSyncCounter() as decode:
+            model(**step)
+        counts.append((len(prefill.calls), len(decode.calls)))
+    (hf_prefill, hf_decode), (prefill, decode) = counts
+    assert (prefill, decode) == (hf_prefill + 2, hf_decode + 1)
 
 
 def _prefill_rows(out: torch.Tensor, x: dict) -> torch.Tensor:

@@ -16,13 +16,15 @@ structure stay: the tanh gates are still applied by ``MllamaCrossAttentionDecode
   (``generate`` appends each new token's row as a copy of the last one, the processor's rule).
 * ``MllamaVisionAttention.forward``: Hugging Face's aspect-ratio mask lets every real patch attend
   to every position (padding patches and padding tiles included) and a padding position (the 7
-  patches that pad each tile's 1601 to 1608, and padding tiles) only to real positions. A call whose
-  mask masks nothing (a mask of zeros: no padding position) runs ``vit_attention``; a call with that mask runs
-  ``gated_cross_attention`` with each image's keys reordered real positions first, so that real rows
-  see all keys and padding rows the first ``n_real``: the same attention, exactly. In practice every
-  call of Hugging Face's vision encoder has padding patches (1601 is not a multiple of 8), so it is
-  the second form; an image with no real tile at all (an all-zero ``aspect_ratio_mask`` row, which
-  the processor never makes: tile 0 is always real) or any other mask runs Hugging Face's forward.
+  patches that pad each tile's 1601 to 1608, and padding tiles) only to real positions. A call with
+  that mask runs ``gated_cross_attention`` with each image's keys reordered real positions first
+  (one gather of k and v per layer), so that real rows see all keys and padding rows the first
+  ``n_real``: the same attention. A call whose mask masks nothing (all zeros: no padding position)
+  runs ``vit_attention``. In practice every call of Hugging Face's vision encoder has padding
+  patches (1601 is not a multiple of 8), so it is the first form; a call without a mask, an image
+  with no real tile (an all-zero ``aspect_ratio_mask`` row, which the processor never makes: tile 0
+  is always real) or any other mask runs Hugging Face's forward. The plan is made once per mask
+  (every layer of both encoders shares it).
 
 Text before the first image (``strict_image_masking``). Hugging Face's masking gives a text row that
 sees no tile (text before the first ``<|image|>``, left padding) a mask row of zeros, so that row
@@ -40,9 +42,10 @@ the rows of ``Describe`` attend to the image in Hugging Face's model:
 Other masks (a row whose tiles are not contiguous even after compaction), and training with
 cross-attention dropout, run Hugging Face's code (a warning says why, once); so do calls without a
 mask (Hugging Face's attention then depends on ``attn_implementation``: SDPA treats an unmasked
-Mllama attention as causal, eager as full). Under autocast the
-attention computes in the autocast dtype, as SDPA does. The attention weights are not returned
-(None, as with SDPA).
+Mllama attention as causal, eager as full). Under autocast the attention computes in the autocast
+dtype, as SDPA does. The attention weights are not returned (None, as with SDPA). The patch adds
+one device->host transfer to a prefill (the text layout) plus one for the vision plan, and one to a
+decoding step.
 """
 
 from __future__ import annotations
