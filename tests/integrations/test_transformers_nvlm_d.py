@@ -85,7 +85,8 @@ class InternAttention(nn.Module):
         self.proj_drop = nn.Dropout(0.0)
         self.qk_normalization = cfg["qk_normalization"]
         if self.qk_normalization:
-            statistic = self.embed_dim if cfg["norm_over"] == "real" else self.dummy_dim
+            over = cfg["norm_over"]
+            statistic = self.embed_dim if over == "real" else self.dummy_dim if over == "padded" else over
             eps = cfg["layer_norm_eps"]
             self.q_norm = InternRMSNorm(self.dummy_dim, eps=eps, statistic_features=statistic)
             self.k_norm = InternRMSNorm(self.dummy_dim, eps=eps, statistic_features=statistic)
@@ -407,6 +408,22 @@ def test_options_and_what_is_left_alone():
     report = apply_nvlm_kernels(model)
     assert len(report.replaced) == LAYERS and "select_layer" in str(report)
     revert_nvlm_kernels(model)
+
+
+def test_a_norm_our_op_does_not_compute_is_left_alone():
+    """A q_norm / k_norm whose statistic covers neither the real nor all features: the attention is
+    left to the model (the report says why), the projector is still ours, the output the model's."""
+    model = _model(31, vision={"norm_over": 100})
+    patched = copy.deepcopy(model)
+    report = apply_nvlm_kernels(patched)
+    assert len(report.replaced) == 1 and "extract_feature" in report.replaced[0]
+    assert str(report).count("not an RMSNorm over the first 128 or all 192 features") == LAYERS, str(report)
+    batch = _batch(31)
+    with torch.no_grad(), OpCalls() as calls:
+        got = patched(**batch).logits
+        expected = model(**batch).logits
+    assert calls.count("vit_qk_norm_attention") == 0 and calls.count("mlp_projector") == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_calls_the_ops_cannot_serve_run_the_model_code():

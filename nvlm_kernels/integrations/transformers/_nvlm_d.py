@@ -94,6 +94,9 @@ def _attention_plan(attn: nn.Module) -> dict | str:
             if isinstance(params, str):
                 return f"{which}: {params}"
         features = [_vision.padded_norm_features(getattr(attn, w), width, real) for w in ("q_norm", "k_norm")]
+        for which, value in zip(("q_norm", "k_norm"), features, strict=True):
+            if isinstance(value, str):
+                return f"{which}: {value}"
         if features[0] != features[1]:
             return f"q_norm and k_norm take their statistic over {features[0]} and {features[1]} features"
         plan["norm_features"] = features[0]

@@ -58,24 +58,27 @@ def rms_norm_params(norm: nn.Module, width: int) -> tuple[torch.Tensor, float] |
 
 def padded_norm_features(norm: nn.Module, width: int, real: int) -> int | str:
     """Over how many leading features ``norm`` (an RMSNorm over ``width`` features of which the first
-    ``real`` belong to real heads, the rest to dummy heads) takes its mean square.
+    ``real`` belong to real heads, the rest to dummy heads) takes its mean square, or why that is
+    neither ``real`` nor ``width``.
 
     An attribute that says so wins (vLLM's ``variance_size_override`` / ``var_hidden_size``). Else the
-    module is asked (one forward on a two-row probe whose dummy features are large, so the two
+    module is asked (one forward on a two-row probe whose dummy features are large, so that the two
     candidates differ by far more than rounding): NVLM's description says the statistic covers the
-    ``real`` features (nvlm-spec §3.1), and a module that normalizes over all ``width`` features is
-    served too. A module that matches neither, or that cannot run here (meta tensors, a kernel
-    this device lacks), is taken at the description's word: ``real``."""
+    ``real`` features (nvlm-spec §3.1); a module that normalizes over all ``width`` features is served
+    too, and one that matches neither is refused. A module that cannot run here (meta tensors, a
+    kernel this device lacks, e.g. Liger's RMSNorm on a CPU) is taken at the description's word."""
     if width == real:
         return width
     for attr in ("variance_size_override", "var_hidden_size", "norm_features"):
         value = getattr(norm, attr, None)
         if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= width:
             return value
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+    params = rms_norm_params(norm, width)
+    if isinstance(params, str):
+        return params
+    weight, eps = params
+    if weight.is_meta:
         return real
-    eps = _number(norm, "variance_epsilon", "eps") or 1e-6
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(2, width, generator=gen)
     probe[:, real:] *= 4.0
@@ -92,7 +95,7 @@ def padded_norm_features(norm: nn.Module, width: int, real: int) -> int | str:
         expected = w * x * torch.rsqrt(x[:, :features].pow(2).mean(-1, keepdim=True) + eps)
         if torch.allclose(out, expected, rtol=tolerance, atol=tolerance * float(w.abs().max().clamp_min(1.0))):
             return features
-    return real
+    return f"its {type(norm).__name__} is not an RMSNorm over the first {real} or all {width} features"
 
 
 _GELU_EXACT = ("GELUActivation",)
