@@ -436,6 +436,25 @@ def test_vision_attention_without_padding_runs_vit_attention(base):
     assert "forward" not in attn.__dict__
 
 
+def test_output_attentions_gets_hugging_face_weights(base):
+    """Asking for attention weights (eager attention) in parity mode runs Hugging Face's text side,
+    so the cross-attention layers' weights are there, exactly; strict mode warns they are not."""
+    x = _inputs(SAMPLES, labels=False)
+    ref = _copy(base, torch.float32, patch=True, cross_attention=False)  # the same vision side
+    ours = _copy(base, torch.float32, patch=True)
+    for model in (ref, ours):
+        model.set_attn_implementation("eager")
+    with torch.no_grad(), OpCalls() as calls:
+        got = ours(**x, output_attentions=True).attentions
+    with torch.no_grad():
+        expected = ref(**x, output_attentions=True).attentions
+    assert calls.count(CROSS) == VISION_LAYERS and len(got) == len(expected) == 4
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    strict = _copy(base, torch.float32, patch=True, strict_image_masking=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="weights are not returned"):
+        strict(**x, output_attentions=True)
+
+
 def test_options_turn_parts_off(base):
     x = _inputs(SAMPLES, labels=False)
     for options, cross, vision in [

@@ -43,9 +43,10 @@ Other masks (a row whose tiles are not contiguous even after compaction), and tr
 cross-attention dropout, run Hugging Face's code (a warning says why, once); so do calls without a
 mask (Hugging Face's attention then depends on ``attn_implementation``: SDPA treats an unmasked
 Mllama attention as causal, eager as full). Under autocast the attention computes in the autocast
-dtype, as SDPA does. The attention weights are not returned (None, as with SDPA). The patch adds
-one device->host transfer to a prefill (the text layout) plus one for the vision plan, and one to a
-decoding step.
+dtype, as SDPA does. The attention weights are not returned (None, as with SDPA); with
+``output_attentions`` a parity-mode forward runs Hugging Face's text side (its weights, exactly), a
+strict one warns that the cross-attention weights are missing. The patch adds one device->host
+transfer to a prefill (the text layout) plus one for the vision plan, and one to a decoding step.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def _bind(function, module, args, kwargs) -> dict:
 
 def _warn(message: str) -> None:
     warnings.warn(f"nvlm_kernels (Mllama): {message}; running Hugging Face's code for this call", stacklevel=3)
+
+
+def _warn_once(message: str) -> None:
+    warnings.warn(f"nvlm_kernels (Mllama): {message}", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +218,10 @@ def _model_forward(self, strict: bool, args, kwargs):
     tokens = arguments.get("input_ids")
     tokens = arguments.get("inputs_embeds") if tokens is None else tokens
     layout = None
-    if mask is not None and tokens is not None:
+    weights = arguments.get("output_attentions", getattr(self.config, "output_attentions", False))
+    if weights and strict:
+        _warn_once("output_attentions: the cross-attention layers' weights are not returned (strict masking)")
+    if mask is not None and tokens is not None and (strict or not weights):  # parity + weights: HF's code
         layout = _text_layout(self, mask, arguments.get("past_key_values"), tokens.shape[1], strict)
     if layout is None:
         return original(self, *args, **kwargs)
