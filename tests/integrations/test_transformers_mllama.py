@@ -535,6 +535,20 @@ def test_instance_patch_changes_only_that_model_and_reverts_exactly(base):
     assert all(p is params[n] for n, p in model.named_parameters()) and list(model.state_dict()) == keys
 
 
+def test_the_bare_mllama_model_is_patched_too(base):
+    """MllamaModel (no LM head) on its own: the same replacements, the same hidden states."""
+    x = _inputs(IMAGE_FIRST, labels=False)
+    bare = _copy(base, torch.float32).model
+    with torch.no_grad():
+        expected = bare(**x).last_hidden_state
+    report = apply_nvlm_kernels_to_mllama(bare)
+    assert report.target.startswith("MllamaModel") and report.replaced[0].startswith("MllamaModel: forward")
+    with torch.no_grad(), OpCalls() as calls:
+        got = bare(**x).last_hidden_state
+    assert calls.count(CROSS) == len(CROSS_LAYERS) + VISION_LAYERS
+    torch.testing.assert_close(got, expected)
+
+
 def test_class_level_patch_reaches_models_built_after_and_reverts(base):
     x = _inputs(SAMPLES, labels=False)
     with torch.no_grad():
