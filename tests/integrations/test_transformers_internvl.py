@@ -39,6 +39,16 @@ LAYERS = 2
 TILES = 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These tiny models are all small GEMMs: on a loaded 2-core machine two intra-op threads ran
+    this file three times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(qk_norm: bool = True, **overrides) -> InternVLConfig:
     vision = dict(
         hidden_size=128, num_attention_heads=2, intermediate_size=128, num_hidden_layers=LAYERS,

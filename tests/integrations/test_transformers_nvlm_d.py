@@ -50,6 +50,17 @@ LAYERS = 2
 TILES = 6
 HIDDEN, HEADS, DUMMY = 128, 2, 1
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These tiny models are all small GEMMs: on a loaded 2-core machine two intra-op threads ran
+    this file three times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------------
 # the stand-in (see the module docstring)
 
