@@ -271,6 +271,39 @@ def test_whisper_encoder_cross_attention_and_causal_decoder():
     assert ours_syncs.calls == sdpa_syncs.calls
 
 
+def test_mllama_is_not_reached():
+    """Mllama's vision attention always has its aspect-ratio padding mask, its cross-attention its
+    image mask, its text self-attention is causal: on "nvlm" every call is SDPA's, exactly."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    vision = dict(
+        hidden_size=128, num_hidden_layers=1, num_global_layers=1, attention_heads=2, intermediate_size=256,
+        vision_output_dim=256, image_size=28, patch_size=14, max_num_tiles=2, intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )  # fmt: skip
+    text = dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+        vocab_size=64, cross_attention_layers=[1], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=63)
+    ours, sdpa = _models(MllamaForConditionalGeneration, config, ["nvlm", "sdpa"], [torch.float32] * 2)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 63, (2, 8), generator=gen)
+    ids[:, 2] = 63
+    cross_mask = torch.zeros(2, 8, 1, 2, dtype=torch.long)
+    cross_mask[0, 2:, 0, :2] = 1  # two tiles
+    cross_mask[1, 2:, 0, :1] = 1  # one tile and a padding tile
+    inputs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), cross_attention_mask=cross_mask,
+        pixel_values=torch.randn(2, 1, 2, 3, 28, 28, generator=gen), aspect_ratio_ids=torch.tensor([[2], [1]]),
+        aspect_ratio_mask=torch.tensor([[[1, 1]], [[1, 0]]]),
+    )  # fmt: skip
+    with torch.no_grad(), OpCalls() as calls:
+        got = ours(**inputs).logits
+    assert calls.labels == []
+    torch.testing.assert_close(got, sdpa(**inputs).logits.detach(), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # direct calls: served cases (GQA cross-attention on the Triton kernels too) and every fallback
 
@@ -383,3 +416,15 @@ def test_route_reads_no_values():
     assert _attention.route(_Attention(), q, k.half(), v, None, 0.0, False)[0] == "sdpa"  # mixed dtypes
     k3 = torch.empty(2, 3, 9, 64, device="meta")
     assert _attention.route(_Attention(), q, k3, k3, None)[0] == "sdpa"  # 4 query heads, 3 key/value heads
+
+
+def test_cross_route_compiles_fullgraph():
+    """The routing, the ranges made on the device and the op trace into one graph (no break, no sync)."""
+    module = _Attention(groups=2)
+    q, k, v = _qkv(2, 4, 2, 5, 9, 64)
+    compiled = torch.compile(
+        lambda q, k, v: _attention.attention_forward(module, q, k, v, None, scaling=0.1)[0],
+        fullgraph=True,
+        dynamic=False,
+    )
+    torch.testing.assert_close(compiled(q, k, v), _attention.attention_forward(module, q, k, v, None, scaling=0.1)[0])

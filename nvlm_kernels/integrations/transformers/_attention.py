@@ -15,7 +15,7 @@ flags only (never a tensor's values: no host sync, nothing that breaks ``torch.c
 
 * ``vit_attention`` (``nk.vit_attention`` on [B, S, H, D] views, no copies): non-causal
   self-attention, no mask, no dropout, Hq == Hkv, Sq == Skv -- the vision towers' attention
-  (InternVL's ``InternVLVisionAttention``, SigLIP/CLIP-style encoders, Whisper's encoder);
+  (InternVL's ``InternVLVisionAttention``; other encoders' unmasked attention, e.g. Whisper's);
 * ``gated_cross_attention`` (without a gate, every row attending every key: ranges [0, Skv) built
   on the device): non-causal attention without a mask whose key/value heads or length differ from
   the query's -- GQA, or cross-attention over an encoder's states (Whisper's decoder);
@@ -33,10 +33,14 @@ text model without padding (SDPA's ``is_causal``) -- after the one check per for
 route makes too. Mllama's cross-attention layers always carry their image mask, so this route
 leaves them on SDPA; ``apply_nvlm_kernels_to_mllama`` turns that mask into key ranges.
 
+What the route reaches, per family: InternVL -- every vision attention (``vit_attention``; the
+q/k RMSNorm of QK-norm checkpoints still runs as transformers' own modules before the call), the
+causal text model stays on SDPA; Mllama -- nothing (its vision encoder always passes the
+aspect-ratio padding mask, its cross-attention layers the image mask, its text layers are causal);
+NVLM-D's remote code -- nothing (its InternViT attention does not call the ``AttentionInterface``).
 What only the patch (``apply_nvlm_kernels``) reaches: the fused QK-RMSNorm + attention
-(``vit_qk_norm_attention``: transformers normalizes q and k before it calls the attention
-function), the projector (pixel shuffle + LayerNorm + MLP: ``mlp_projector``), Mllama's masked
-cross-attention and NVLM-D's remote code (which does not use the ``AttentionInterface``).
+(``vit_qk_norm_attention``), the projector (CLS drop + pixel shuffle + LayerNorm + MLP in one
+``mlp_projector``), Mllama's masked cross-attention and vision attention, and NVLM-D.
 
 The ``"nvlm"`` mask entry is SDPA's mask function: text layers of a model on ``"nvlm"`` keep their
 causal and padding masks exactly (without an entry transformers would build no mask at all).
