@@ -28,6 +28,15 @@ def registered():
     return register_nvlm_attention()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny GEMMs: one intra-op thread (a loaded 2-core machine runs them far slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _vision_config(**overrides):
     from transformers import InternVLVisionConfig
 
