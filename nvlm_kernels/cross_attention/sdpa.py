@@ -42,9 +42,13 @@ def _heads_first(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, boo
     """[B, H, S, D] views, and whether SDPA should broadcast the key/value heads itself."""
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    if group > 1 and q.device.type != "cpu":
-        return qh, kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1), False
-    return qh, kh, vh, group > 1
+    if q.device.type != "cpu":
+        if group > 1:
+            return qh, kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1), False
+        return qh, kh, vh, False
+    # a constant, not ``group > 1``: under torch.compile with dynamic shapes that would be a symbolic
+    # bool, which SDPA's enable_gqa rejects (with as many key/value heads as query heads it is a no-op)
+    return qh, kh, vh, True
 
 
 def _ungated(q, k, v, kv_start, kv_end, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

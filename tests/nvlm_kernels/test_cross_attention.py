@@ -1022,3 +1022,14 @@ def test_autotuning_keys_on_length_buckets(recorded_launches):
         assert first == second == [2048, 2048, 64, 2], name
         assert third == [4096, 2048, 64, 2], name
     assert xt.seq_bucket(1) == 16 and xt.seq_bucket(17) == 32
+
+
+def test_sdpa_peer_compiles_with_dynamic_shapes():
+    """torch.compile(dynamic=True) through auto (sdpa on CPU): the GQA flag must not become a
+    symbolic bool (SDPA's enable_gqa rejects one)."""
+    compiled = torch.compile(nk.gated_cross_attention, fullgraph=True, dynamic=True, backend="aot_eager")
+    for sq in (8, 12):
+        q, k = torch.randn(1, sq, 4, 64), torch.randn(1, 6, 2, 64)
+        start = torch.zeros(1, sq, dtype=torch.int32)
+        end = torch.full((1, sq), 6, dtype=torch.int32)
+        torch.testing.assert_close(compiled(q, k, k, start, end), nk.gated_cross_attention(q, k, k, start, end))
