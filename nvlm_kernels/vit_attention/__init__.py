@@ -72,18 +72,24 @@ def _check_floating(t, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_three(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """q, k and v: float tensors of one shape ``layout`` (e.g. "[T, S, H, D]"), dtype and device."""
+    dims = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_floating(t, name)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape [T, S, H, D] (4 dims), got {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must have shape {layout} ({dims} dims), got {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
         shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
-        raise ValueError(f"q, k and v must have the same shape [T, S, H, D], got {shapes}")
+        raise ValueError(f"q, k and v must have the same shape {layout}, got {shapes}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    _check_three(q, k, v, "[T, S, H, D]")
     _, s, h, d = q.shape
     if s < 1 or h < 1 or d < 1:
         raise ValueError(f"q: S, H and D must be at least 1, got shape {tuple(q.shape)}")
@@ -162,17 +168,7 @@ def _check_split(
     norm_features: int | None,
 ) -> tuple[int, int]:
     """The three-projection form: q, k, v [T, S, H*D] each. Returns (head_dim, norm_features)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_floating(t, name)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [T, S, H*D] (3 dims), got {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
-        raise ValueError(f"q, k and v must have the same shape [T, S, H*D], got {shapes}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _check_three(q, k, v, "[T, S, H*D]")
     _check_heads(num_heads)
     features = q.shape[2]
     if features % num_heads or features == 0:
