@@ -27,12 +27,13 @@ NUM_BYTE_IDS = 256
 
 class ByteTokenizer:
     """UTF-8 bytes plus one id per special token (``<|endoftext|>`` = pad, ``<|im_start|>``,
-    ``<|im_end|>`` = eos, ``<|vision_pad|>``, then ``extra_special_tokens`` in order).
+    ``<|im_end|>`` = eos, ``<|vision_pad|>``, then ``extra_special_tokens`` in order, then
+    ``bos_token`` if it is not among them: the 34B (Yi) prompt format starts with a BOS).
 
     With the default specials ``vocab_size`` is 260, inside the tiny presets' LLM vocabulary (320).
     """
 
-    def __init__(self, extra_special_tokens: Iterable[str] = ()) -> None:
+    def __init__(self, extra_special_tokens: Iterable[str] = (), *, bos_token: str | None = None) -> None:
         specials = list(DEFAULT_SPECIAL_TOKENS)
         for token in extra_special_tokens:
             if not isinstance(token, str) or not token:
@@ -40,6 +41,11 @@ class ByteTokenizer:
             if token in specials:
                 raise ValueError(f"special token {token!r} given twice")
             specials.append(token)
+        if bos_token is not None:
+            if not isinstance(bos_token, str) or not bos_token:
+                raise ValueError(f"bos_token must be a non-empty string, got {bos_token!r}")
+            if bos_token not in specials:
+                specials.append(bos_token)
         self.all_special_tokens: list[str] = specials
         self._special_to_id = {token: NUM_BYTE_IDS + i for i, token in enumerate(specials)}
         self._id_to_special = {i: token for token, i in self._special_to_id.items()}
@@ -48,6 +54,7 @@ class ByteTokenizer:
         self._special_pattern = re.compile("(" + "|".join(re.escape(token) for token in alternatives) + ")")
         self.pad_token = PAD_TOKEN
         self.eos_token = IM_END_TOKEN
+        self.bos_token = bos_token
         self.unk_token = None
 
     # ---------------------------------------------------------------------------------------------
@@ -73,22 +80,41 @@ class ByteTokenizer:
         return self._special_to_id[self.eos_token]
 
     @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self._special_to_id[self.bos_token]
+
+    @property
     def unk_token_id(self) -> None:
         return None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Special-token strings become their ids, the rest its UTF-8 bytes. ``add_special_tokens``
         is accepted for interface compatibility; this tokenizer adds no BOS/EOS either way."""
+        return self._encode_with_offsets(text)[0]
+
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids and, per id, the [start, end) character span of ``text`` it encodes (every byte of
+        a multi-byte character gets that character's span, as Hugging Face's byte-level BPE does)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        position = 0
         # re.split with a capturing group alternates plain text (even indices) and specials (odd).
         for index, piece in enumerate(self._special_pattern.split(text)):
             if index % 2:
                 ids.append(self._special_to_id[piece])
+                offsets.append((position, position + len(piece)))
+            elif piece.isascii():  # one byte per character
+                ids.extend(piece.encode("ascii"))
+                offsets.extend((offset, offset + 1) for offset in range(position, position + len(piece)))
             else:
-                ids.extend(piece.encode("utf-8"))
-        return ids
+                for offset, character in enumerate(piece, start=position):
+                    encoded = character.encode("utf-8")
+                    ids.extend(encoded)
+                    offsets.extend([(offset, offset + 1)] * len(encoded))
+            position += len(piece)
+        return ids, offsets
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Bytes are joined and decoded as UTF-8 (invalid sequences become U+FFFD, as a partial
@@ -120,10 +146,19 @@ class ByteTokenizer:
             return encoded[0]
         raise KeyError(f"{token!r} is not a token of ByteTokenizer (only specials and single bytes are)")
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = False) -> dict[str, list]:
+    def __call__(
+        self, text: str | Sequence[str], add_special_tokens: bool = False, return_offsets_mapping: bool = False
+    ) -> dict[str, list]:
+        """``{"input_ids": ...}`` (and ``"offset_mapping"``: per id its character span) for a string
+        or, element-wise, a list of them."""
+        texts = [text] if isinstance(text, str) else list(text)
+        encodings = [self._encode_with_offsets(item) for item in texts]
+        result: dict[str, list] = {"input_ids": [ids for ids, _ in encodings]}
+        if return_offsets_mapping:
+            result["offset_mapping"] = [offsets for _, offsets in encodings]
         if isinstance(text, str):
-            return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
-        return {"input_ids": [self.encode(item, add_special_tokens=add_special_tokens) for item in text]}
+            result = {key: value[0] for key, value in result.items()}
+        return result
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, specials={self.all_special_tokens})"
