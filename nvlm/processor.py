@@ -66,6 +66,8 @@ has offsets (and no merges, so both ways give the same ids).
 Labels: the tokens of each assistant message's content and of the ``<|im_end|>`` (or the
 tokenizer's EOS) that closes it, -100 elsewhere (headers, system and user turns, image tokens, the
 BOS, a separator after ``<|im_end|>``): what the model must produce, including how it stops.
+(Megatron's targets, the assistant turn less its header, also keep the ``\\n`` after ``<|im_end|>``;
+generation stops at the end token, so nothing is learned from that ``\\n`` that inference uses.)
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ class NVLMInputs:
         of its ``<Image>``), -1 where none.
     image_token_mask: [B, S] positions that receive image embeddings (D: all pads, H: the
         thumbnail pads, X: none).
-    tag_tiles: [B, S] X only: at the tokens of a tile tag, the index of that tile among the row's
-        cross-attention tiles (image order, thumbnail included); -1 elsewhere and for D and H.
+    tag_tiles: [B, S] X only: at the tokens of a tile tag (each token that covers a character of it;
+        one shared by two tags: the later), the index of that tile among the row's cross-attention
+        tiles (image order, thumbnail included); -1 elsewhere and for D and H.
     xattn_tag_ids: [N_regular, L_tag] H only: the tag ids of each regular tile, in pixel_values
         order; ``tag_tokens_per_tile`` = L_tag (0 for D and X).
     labels: [B, S] or None: the token at assistant content and at the ``<|im_end|>`` closing an
