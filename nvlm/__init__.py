@@ -2,6 +2,7 @@
 
     import nvlm
     model = nvlm.build_model("tiny-h")                          # or "nvlm-d-72b" on device="meta"
+    model = nvlm.from_pretrained("NVLM-D-72B", device="cuda")   # a downloaded Hugging Face NVLM-D directory
     processor = nvlm.NVLMProcessor(nvlm.ByteTokenizer(), model.config)
     out = model(processor([{"role": "user", "content": "<image> What is this?"}], [image]))
 
@@ -13,6 +14,7 @@ tokenizer for the tiny presets), ``checkpoint`` (Hugging Face NVLM-D and our own
 ``nvlm profile``), ``profiling`` (per-stage times from the NVTX ranges).
 """
 
+from nvlm.checkpoint import from_pretrained
 from nvlm.config import PRESETS as MODEL_PRESETS
 from nvlm.config import NVLMConfig
 from nvlm.generate import GenerationOutput
@@ -37,5 +39,6 @@ __all__ = [
     "NVLMProcessor",
     "build_model",
     "freeze_for_stage",
+    "from_pretrained",
     "parameter_counts",
 ]

@@ -1,6 +1,10 @@
 """Checkpoints: Hugging Face NVLM-D-72B weights in, our own sharded safetensors in and out, and a
 converter from transformers' native ``InternVLForConditionalGeneration`` state dict.
 
+``from_pretrained(dir)`` (``nvlm.from_pretrained``) is the one call: it reads ``config.json`` (an
+NVLM-D one through ``NVLMConfig.from_hf``, or ours), builds the model on the meta device, gives each
+part its storage once in its final dtype and loads the weights with the loaders below.
+
 Everything here works on an ``nn.Module``'s parameter names and on plain state dicts, not on the
 model class, so it runs against any module that uses the names of ``nvlm.model``:
 
@@ -12,7 +16,8 @@ model class, so it runs against any module that uses the names of ``nvlm.model``
 * ``xattn.{layer}.`` + the cross-attention block's names (NVLM-X / NVLM-H only).
 
 NVLM-D's released ViT carries 7 all-zero dummy heads (spec §3.1: 25 real + 7 = 32 heads for
-tensor parallelism 8). ``load_hf_nvlm_d`` checks that they are zero and keeps the real part only.
+tensor parallelism 8). ``load_hf_nvlm_d`` checks them (``nvlm.vision.check_dummy_heads``: nonzero
+v rows or proj columns raise, nonzero q / k rows only warn) and keeps the real part only.
 
 Tensors are read one at a time with ``safetensors.safe_open`` (sliced with ``get_slice`` where only
 part of a tensor is needed), so loading never holds the whole checkpoint in memory.
@@ -40,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nvlm.parallel import TPGroup, agree_on_success, local_shard
-from nvlm.vision import strip_dummy_heads
+from nvlm.vision import check_dummy_heads, strip_dummy_heads
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -101,12 +106,17 @@ def _targets(model: nn.Module, *, buffers: bool) -> dict[str, torch.Tensor]:
     return targets
 
 
+# A loader's ``dtype`` that keeps each parameter's own dtype (``from_pretrained`` chooses them first).
+PARAMETER_DTYPE: Any = "the parameter's dtype"
+
+
 def _assign(target: torch.Tensor, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
-    """Write ``tensor`` into ``target``. A Parameter takes ``dtype`` (None: the tensor's) and keeps
-    its device and identity (so optimizers and tied names still see it); a buffer keeps its dtype."""
+    """Write ``tensor`` into ``target``. A Parameter takes ``dtype`` (None: the tensor's;
+    ``PARAMETER_DTYPE``: its own) and keeps its device and identity (so optimizers and tied names
+    still see it); a buffer keeps its dtype."""
     with torch.no_grad():
         if isinstance(target, nn.Parameter):
-            dtype = tensor.dtype if dtype is None else dtype
+            dtype = tensor.dtype if dtype is None else target.dtype if dtype is PARAMETER_DTYPE else dtype
             if target.dtype == dtype and target.shape == tensor.shape:
                 target.data.copy_(tensor)
             else:
@@ -118,6 +128,13 @@ def _assign(target: torch.Tensor, tensor: torch.Tensor, dtype: torch.dtype | Non
 def _key_list(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown}{', ...' if len(keys) > limit else ''} ({len(keys)} in all)"
+
+
+def _missing(targets: Mapping[str, torch.Tensor], seen: set[str]) -> list[str]:
+    """Targets no key filled; a tied parameter filled under another of its names is not missing (a
+    tied checkpoint may store the embedding only)."""
+    filled = {id(targets[name]) for name in seen}
+    return [name for name, target in targets.items() if name not in seen and id(target) not in filled]
 
 
 def _finish(report: LoadReport, strict: bool, what: str) -> LoadReport:
@@ -217,7 +234,10 @@ def _load_hf_nvlm_d(model, path, *, dtype, strict, num_dummy_heads, tp: TPGroup 
                     continue
                 match = _VIT_ATTN.match(name)
                 if tp is not None:  # this rank's slice; the padded ViT heads stay (nvlm.parallel)
-                    tensor = local_shard(name, f.get_slice(key), model.config, tp)
+                    source = f.get_slice(key)
+                    if match:
+                        source = _checked_padded_heads(source, key, match.group(2), model.config, num_dummy_heads)
+                    tensor = local_shard(name, source, model.config, tp)
                 elif match:
                     part = match.group(2)
                     real_width = (
@@ -233,8 +253,44 @@ def _load_hf_nvlm_d(model, path, *, dtype, strict, num_dummy_heads, tp: TPGroup 
                 seen.add(name)
                 report.loaded += 1
                 del tensor
-    report.missing = [name for name in targets if name not in seen]
+    report.missing = _missing(targets, seen)
     return _finish(report, strict, f"loading {path} (Hugging Face NVLM-D)")
+
+
+class _ZeroedRows:
+    """A safetensors slice read through row slices (as ``nvlm.parallel.local_shard`` reads the
+    ViT's qkv) with the given row ranges read as zeros."""
+
+    def __init__(self, source, rows: list[tuple[int, int]]) -> None:
+        self.source, self.rows = source, rows
+
+    def get_shape(self) -> list[int]:
+        return list(self.source.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        piece = self.source[index]
+        first = index[0] if isinstance(index, tuple) else index
+        start = first.start or 0
+        for begin, end in self.rows:
+            low, high = max(begin, start), min(end, start + piece.shape[0])
+            if low < high:
+                piece[low - start : high - start] = 0
+        return piece
+
+
+def _checked_padded_heads(source, key: str, part: str, config, num_dummy_heads: int | None):
+    """A tensor-parallel rank keeps NVLM's padded ViT heads (``nvlm.parallel``): the dummy heads are
+    checked as ``strip_dummy_heads`` checks them (v rows and proj columns must be zero), and nonzero
+    dummy q / k rows (a warning) are read as zeros, since the padded model's QK-norm sums the
+    squares of every head it holds. A real-heads-only source (no padding) is left to local_shard."""
+    real = config.vision.hidden_size
+    shape = tuple(source.get_shape())
+    padded = shape[0] // 3 if part.startswith("qkv") else shape[-1]
+    if padded == real:
+        return source
+    count = num_dummy_heads if num_dummy_heads is not None else config.vision.num_dummy_heads
+    _, nonzero_qk = check_dummy_heads(source, key, part, real, count, config.vision.head_dim)
+    return _ZeroedRows(source, nonzero_qk) if nonzero_qk else source
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,12 +377,17 @@ def _load_checkpoint(model, path, strict: bool, dtype, tp: TPGroup | None) -> Lo
                 _assign(target, tensor, dtype)
                 seen.add(key)
                 report.loaded += 1
-    report.missing = [name for name in targets if name not in seen]
+    report.missing = _missing(targets, seen)
     return _finish(report, strict, f"loading {path}")
 
 
 def load_config(path: str | os.PathLike) -> Any:
     """The ``NVLMConfig`` that ``save_checkpoint`` stored in ``path/config.json``."""
+    return _config_from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
+
+
+def _config_from_dict(raw: Mapping[str, Any]) -> Any:
+    """An ``NVLMConfig`` from ``dataclasses.asdict`` of one (fields added since take their defaults)."""
     from nvlm.config import (
         CrossAttentionConfig,
         LLMConfig,
@@ -337,13 +398,165 @@ def load_config(path: str | os.PathLike) -> Any:
         VisionConfig,
     )
 
-    raw = json.loads((Path(path) / CONFIG_FILE).read_text())
     nested: dict[str, Callable[..., Any]] = {
         "vision": VisionConfig, "projector": ProjectorConfig, "llm": LLMConfig, "xattn": CrossAttentionConfig,
         "tiling": TilingConfig, "tokens": TokenConfig,
     }  # fmt: skip
     fields = {key: nested[key](**value) if key in nested and value is not None else value for key, value in raw.items()}
     return NVLMConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# one call: a directory (Hugging Face NVLM-D or ours) -> a loaded model
+
+HF_NVLM_D = "hf-nvlm-d"
+OURS = "ours"
+_HF_FIRST_QKV = "vision_model.encoder.layers.0.attn.qkv.weight"
+# The model's parts that each take one dtype when loading "as stored"; the cross-attention blocks
+# run inside the decoder's residual stream, so they share its dtype.
+_DTYPE_PARTS = {"vision": "vision", "projector": "projector", "llm": "llm", "xattn": "llm"}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+}  # fmt: skip
+
+
+def checkpoint_layout(raw_config: Mapping[str, Any], path: str | os.PathLike = "") -> str:
+    """``HF_NVLM_D`` or ``OURS``, told by a ``config.json``'s keys (NVLM_D_Config nests
+    ``vision_config`` / ``llm_config``; ours ``vision`` / ``llm``)."""
+    if "llm_config" in raw_config or "vision_config" in raw_config:
+        return HF_NVLM_D
+    if "llm" in raw_config and "vision" in raw_config:
+        return OURS
+    raise ValueError(
+        f"{Path(path) / CONFIG_FILE}: neither a Hugging Face NVLM-D config (vision_config, llm_config) nor ours "
+        "(vision, llm)"
+    )
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path}: no {CONFIG_FILE} (for weights without one, build the model with nvlm.build_model(preset) and "
+            "load them with load_hf_nvlm_d / load_checkpoint)"
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return raw
+
+
+def _hf_dummy_heads(weight_map: Mapping[str, Path], config) -> int | None:
+    """How many dummy heads the checkpoint's first ViT layer carries (config.json does not say it;
+    the released code pads with a constant 7), from its qkv shape alone (no data read)."""
+    if _HF_FIRST_QKV not in weight_map:
+        return None
+    with safe_open(weight_map[_HF_FIRST_QKV], framework="pt") as f:
+        shape = list(f.get_slice(_HF_FIRST_QKV).get_shape())
+    v = config.vision
+    extra = shape[0] // 3 - v.hidden_size if len(shape) == 2 and shape[0] % 3 == 0 else -1
+    if extra < 0 or extra % v.head_dim:
+        raise ValueError(
+            f"{_HF_FIRST_QKV}: shape {shape} is not 3 blocks of {v.hidden_size} real features + whole dummy heads of "
+            f"width {v.head_dim}"
+        )
+    return extra // v.head_dim
+
+
+def pretrained_config(path: str | os.PathLike) -> tuple[Any, str]:
+    """``(NVLMConfig, layout)`` of a checkpoint directory with a ``config.json``: a Hugging Face
+    NVLM-D one (``NVLMConfig.from_hf``, named after the directory, the ViT's dummy-head count taken
+    from the weights' shapes) or ours (what ``save_checkpoint`` wrote)."""
+    from nvlm.config import HF_EXTENSION_KEY, NVLMConfig
+
+    path = Path(path)
+    raw = _read_config_file(path)
+    layout = checkpoint_layout(raw, path)
+    if layout == OURS:
+        try:
+            return _config_from_dict(raw), layout
+        except TypeError as error:  # an unknown or missing field
+            raise ValueError(f"{path / CONFIG_FILE}: not an NVLMConfig ({error})") from None
+    extension = raw.get(HF_EXTENSION_KEY)
+    named = isinstance(extension, Mapping) and "name" in extension  # ours, written by to_hf
+    config = NVLMConfig.from_hf(raw, name=None if named else path.resolve().name)
+    dummy = _hf_dummy_heads(_weight_map(path), config)
+    if dummy is not None and dummy != config.vision.num_dummy_heads:
+        config = config.replace(vision={"num_dummy_heads": dummy})
+    return config, layout
+
+
+def stored_part_dtypes(path: str | os.PathLike, layout: str) -> dict[str, torch.dtype]:
+    """The widest floating dtype stored per part of the model (``vision``, ``projector``, ``llm``;
+    the cross-attention blocks count as ``llm``), read from the safetensors headers only. Widest:
+    ``torch.promote_types`` (float32 over bfloat16; bfloat16 and float16 together give float32,
+    as neither holds the other)."""
+    widest: dict[str, torch.dtype] = {}
+    for shard, keys in _by_shard(_weight_map(path)).items():
+        with safe_open(shard, framework="pt") as f:
+            for key in keys:
+                name = hf_nvlm_d_key_map(key) if layout == HF_NVLM_D else key
+                part = _DTYPE_PARTS.get((name or "").split(".")[0])
+                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                if part is None or dtype is None:
+                    continue  # not a parameter of ours (reported by the loader), or not floating point
+                widest[part] = torch.promote_types(widest[part], dtype) if part in widest else dtype
+    return widest
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = torch.bfloat16,
+    device: torch.device | str | None = None,
+    tp: int | TPGroup | None = None,
+):
+    """The model stored in directory ``path``, loaded, in eval mode: a Hugging Face NVLM-D
+    directory (``nvidia/NVLM-D-72B``: ``config.json`` + safetensors shards) or one that
+    ``save_checkpoint(..., config=...)`` wrote, told by ``config.json``.
+
+    The model is built on the meta device, then each part gets its storage once on ``device``
+    (default: CPU) in its final dtype and the tensors are copied in one at a time, so the weights
+    are never held twice (a 72B model fits where its weights fit). Loading is strict: a missing or
+    unexpected tensor, a shape that differs, a nonzero dummy-head v row or proj column (nonzero
+    dummy q / k rows only warn) raise ValueError naming the key; a bad config value raises
+    ValueError naming the field (``NVLMConfig.from_hf``).
+
+    ``dtype``: every parameter's dtype; None loads "as stored" with **one dtype per part** (the
+    ViT, the projector, the decoder with its cross-attention blocks): the widest dtype its stored
+    tensors have (``stored_part_dtypes``), so that no stored value is rounded and each part runs in
+    a single dtype (the model casts between parts). The released NVLM-D-72B stores the ViT's
+    qkv / proj / q_norm / k_norm and some LLM projections in float32, the rest in bfloat16: as
+    stored it loads as a float32 ViT, a bfloat16 projector and a float32 LLM (about 300 GB).
+
+    ``tp``: tensor-parallel size as in ``nvlm.build_model`` (None: the torch.distributed world
+    size); each rank builds and reads only its shards."""
+    from nvlm.model import NVLM
+    from nvlm.parallel import check_tp
+
+    path = Path(path)
+    config, layout = pretrained_config(path)
+    group = TPGroup.resolve(tp)
+    check_tp(config, group.size)
+    part_dtypes = dict.fromkeys(("vision", "projector", "llm"), dtype)
+    if dtype is None:
+        part_dtypes = {part: torch.get_default_dtype() for part in part_dtypes} | stored_part_dtypes(path, layout)
+    model = NVLM(config, device="meta", tp=group)
+    for name, part in _DTYPE_PARTS.items():
+        getattr(model, name).to(dtype=part_dtypes[part])  # meta tensors: no memory
+    model.to_empty(device=device if device is not None else "cpu")
+    if config.llm.tie_embeddings:  # to_empty gives each name its own tensor
+        model.llm.lm_head.weight = model.llm.embed_tokens.weight
+    if layout == HF_NVLM_D:
+        load_hf_nvlm_d(model, path, dtype=PARAMETER_DTYPE)
+    else:
+        load_checkpoint(model, path, dtype=PARAMETER_DTYPE)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,8 +10,12 @@ handles, the generated text and the wall time of each stage (``nvlm.profiling.St
 
 Weights are random unless ``--checkpoint`` names a directory in our own layout
 (``nvlm.checkpoint.save_checkpoint``) or in the Hugging Face NVLM-D layout; which one is told by the
-tensor names. The tiny presets use the built-in byte tokenizer; the real ones need ``--tokenizer``
-(a local Hugging Face tokenizer directory, read with transformers).
+tensor names. A directory with a ``config.json`` (a downloaded ``nvidia/NVLM-D-72B``, or ours saved
+with its config) is loaded with ``nvlm.from_pretrained`` and needs no ``--preset``; without one the
+preset's model is built and the weights loaded into it. The tiny presets use the built-in byte
+tokenizer; the real ones need ``--tokenizer`` (a local Hugging Face tokenizer directory, read with
+transformers), which defaults to the checkpoint directory when that holds a tokenizer (NVLM-D-72B's
+does).
 
 Tensor parallelism: ``torchrun --nproc-per-node N -m nvlm run --preset ... --tp N`` (``nvlm.parallel``):
 the process group is initialized here (gloo on CPU, nccl on CUDA, one GPU per rank), every rank
@@ -67,9 +71,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the user message (default: {DEFAULT_PROMPT!r})")
     parser.add_argument(
         "--checkpoint", metavar="DIR",
-        help="weights: our safetensors layout (with config.json, then --preset is optional) or Hugging Face NVLM-D",
+        help="weights: Hugging Face NVLM-D or our safetensors layout (with a config.json --preset is optional)",
     )  # fmt: skip
-    parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer (needs transformers)")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR",
+        help="a local Hugging Face tokenizer (needs transformers); default: the checkpoint directory if it has one",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
@@ -174,6 +181,7 @@ class Request:
     tokenizer_dir: Path | None
     trace: Path | None  # profile only
     tp: Any = None  # nvlm.parallel.TPGroup
+    pretrained: bool = False  # the checkpoint has a config.json: nvlm.from_pretrained builds and loads
 
 
 def example_image_path() -> Path:
@@ -207,8 +215,12 @@ def _checkpoint_kind(directory: Path) -> str:
     raise CLIError(f"--checkpoint {directory}: tensor names of neither our layout nor Hugging Face NVLM-D")
 
 
+# A directory holding a Hugging Face tokenizer (NVLM-D-72B ships Qwen2.5's next to its weights).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
 def _check_request(args: argparse.Namespace, tp=None) -> Request:
-    from nvlm.checkpoint import CONFIG_FILE, load_config
+    from nvlm.checkpoint import CONFIG_FILE, pretrained_config
     from nvlm.config import PRESETS
     from nvlm.parallel import TPGroup, check_tp, rank_path
 
@@ -218,15 +230,16 @@ def _check_request(args: argparse.Namespace, tp=None) -> Request:
     kind = _checkpoint_kind(checkpoint) if checkpoint is not None else None
     if args.preset is not None and args.preset not in PRESETS:
         raise CLIError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-    if kind == "ours" and (checkpoint / CONFIG_FILE).is_file():
+    pretrained = checkpoint is not None and (checkpoint / CONFIG_FILE).is_file()
+    if pretrained:
         try:
-            config = load_config(checkpoint)  # the checkpoint knows its shapes better than a preset name
-        except (ValueError, TypeError, KeyError) as error:
-            raise CLIError(f"--checkpoint {checkpoint}: {CONFIG_FILE} is not an NVLMConfig ({error})") from None
+            config, _ = pretrained_config(checkpoint)  # the checkpoint knows its shapes better than a preset name
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+            raise CLIError(f"--checkpoint {checkpoint}: {CONFIG_FILE}: {error}") from None
     elif args.preset is not None:
         config = PRESETS[args.preset]
     else:
-        raise CLIError("--preset is required (unless --checkpoint holds our config.json)")
+        raise CLIError("--preset is required (unless --checkpoint holds a config.json)")
 
     images = [Path(p).expanduser() for p in args.image] if args.image else [example_image_path()]
     for image in images:
@@ -244,6 +257,8 @@ def _check_request(args: argparse.Namespace, tp=None) -> Request:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else None
+    if tokenizer_dir is None and checkpoint is not None and any((checkpoint / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer_dir = checkpoint
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise CLIError(f"--tokenizer {tokenizer_dir}: not a directory")
     if tokenizer_dir is None and not config.name.startswith("tiny"):
@@ -264,7 +279,7 @@ def _check_request(args: argparse.Namespace, tp=None) -> Request:
         trace = rank_path(trace, tp.rank, tp.size)  # one trace per rank
     return Request(
         config=config, device=device, dtype=dtype, images=images, checkpoint=checkpoint, checkpoint_kind=kind,
-        tokenizer_dir=tokenizer_dir, trace=trace, tp=tp,
+        tokenizer_dir=tokenizer_dir, trace=trace, tp=tp, pretrained=pretrained,
     )  # fmt: skip
 
 
@@ -309,12 +324,22 @@ def _progress(quiet: bool, **kw: Any):
 
 def build_model(request: Request, *, quiet: bool):
     """The model on the request's device and dtype, random or from the checkpoint, in eval mode. A
-    progress bar (after PROGRESS_DELAY_S) counts the layers built: a 72B model takes minutes."""
-    from nvlm.checkpoint import load_checkpoint, load_hf_nvlm_d
+    progress bar (after PROGRESS_DELAY_S) counts the layers built: a 72B model takes minutes. A
+    checkpoint with a config.json goes through ``nvlm.from_pretrained`` (built on the meta device,
+    each weight written once)."""
+    from nvlm.checkpoint import from_pretrained, load_checkpoint, load_hf_nvlm_d
     from nvlm.llm import DecoderLayer
     from nvlm.model import NVLM
     from nvlm.vision import InternViTLayer
     from nvlm.xattn import GatedCrossAttentionBlock
+
+    if request.pretrained:
+        if not quiet:
+            print(f"loading {request.checkpoint} ...", file=sys.stderr)
+        try:
+            return from_pretrained(request.checkpoint, dtype=request.dtype, device=request.device, tp=request.tp)
+        except (ValueError, FileNotFoundError) as error:  # missing keys, shape mismatches: the user's files
+            raise CLIError(f"--checkpoint {request.checkpoint}: {error}") from None
 
     config = request.config
     layer_types = (InternViTLayer, DecoderLayer, GatedCrossAttentionBlock)
@@ -354,10 +379,19 @@ def load_tokenizer(request: Request):
         from transformers import AutoTokenizer
     except ImportError:
         raise CLIError("--tokenizer needs transformers (pip install 'nvlm-kernels[hf]')") from None
+    from transformers.utils import logging as hf_logging
+
+    # transformers 5 reads the directory's config.json too: NVLM-D's names remote code (auto_map),
+    # which a tokenizer never needs (no prompt asking to run it), and its model type is unknown to
+    # transformers (a warning about it, silenced: the weights are ours to load, not transformers').
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(request.tokenizer_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(request.tokenizer_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise CLIError(f"--tokenizer {request.tokenizer_dir}: {error}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _stop_token_ids(tokenizer, config) -> list[int]:

@@ -1,7 +1,8 @@
 """``Qwen2Decoder``: the Qwen2-style language model of NVLM-1.0 (spec §8.1), with a ``KVCache``.
 
 Plain modules in the gpt-fast style: RMSNorm, rotary position embeddings (Hugging Face Qwen2's
-rotate-half convention), grouped-query causal self-attention through
+rotate-half convention; its dynamic NTK scaling beyond ``max_position_embeddings`` when the config
+asks for it), grouped-query causal self-attention through
 ``torch.nn.functional.scaled_dot_product_attention``, SwiGLU. Parameter names are those of Hugging
 Face's ``Qwen2ForCausalLM`` without the ``model.`` prefix, so its state dict loads after stripping
 that prefix.
@@ -60,11 +61,59 @@ class KVCache:
         self.length = 0
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_inverse_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """1/θ^(2i/D), i < D/2, in float32: Hugging Face Qwen2's default RoPE frequencies."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def dynamic_ntk_inverse_frequencies(
+    position_ids: torch.Tensor, head_dim: int, theta: float, factor: float, max_position_embeddings: int
+) -> torch.Tensor:
+    """Hugging Face's dynamic NTK RoPE (``rope_scaling={"type": "dynamic", "factor": ...}``,
+    ``_compute_dynamic_ntk_parameters``) for a forward whose longest position is
+    ``max(position_ids)``: with L = max(position_ids) + 1 > max_position_embeddings (M) the base
+    becomes θ · (factor · L / M − (factor − 1))^(D / (D − 2)); up to M the frequencies are the
+    unscaled ones, exactly. The same float32 operations as transformers, computed on the device
+    (no host sync; both branches are D/2 values).
+
+    Hugging Face's rotary module keeps state (``max_seq_len_cached``): it rescales when a forward
+    reaches past the longest length it has seen and resets only below M. This function is that
+    module's answer for every forward of a fresh module whose lengths grow, as in generation (a
+    prefill of L, then decoding steps at L, L + 1, ...: each new token's keys are rotated with the
+    base of its own step and the cached ones keep theirs, as in transformers' KV cache). It
+    differs only after a longer forward followed by a shorter one that is still past M, where
+    transformers keeps the larger base."""
+    device = position_ids.device
+    longest = position_ids.max() + 1
+    seq_len = torch.maximum(longest, torch.tensor(max_position_embeddings, dtype=longest.dtype, device=device))
+    base = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / head_dim
+    scaled = 1.0 / (base**exponents)
+    return torch.where(longest > max_position_embeddings, scaled, rotary_inverse_frequencies(head_dim, theta, device))
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    *,
+    dynamic_factor: float | None = None,
+    max_position_embeddings: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, S, D] in float32, as Hugging Face Qwen2 computes them: inv_freq = 1/θ^(2i/D) and
     the angles both in float32 (in bfloat16 the angles of late positions would be far off), the
-    frequencies repeated over the two halves of the head (the rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    frequencies repeated over the two halves of the head (the rotate-half layout).
+
+    ``dynamic_factor`` (with ``max_position_embeddings``): dynamic NTK scaling beyond
+    ``max_position_embeddings`` (``dynamic_ntk_inverse_frequencies``)."""
+    if dynamic_factor is None:
+        inv_freq = rotary_inverse_frequencies(head_dim, theta, position_ids.device)
+    else:
+        if max_position_embeddings is None:
+            raise ValueError("dynamic RoPE scaling needs max_position_embeddings")
+        inv_freq = dynamic_ntk_inverse_frequencies(
+            position_ids, head_dim, theta, dynamic_factor, max_position_embeddings
+        )
     angles = position_ids.float()[..., None] * inv_freq  # [B, S, D/2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -260,7 +309,11 @@ class Qwen2Decoder(nn.Module):
                 f"got {tuple(attention_mask.shape)}"
             )
         mask, is_causal = attention_mask_for(attention_mask, past, seq, inputs_embeds.device)
-        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        scaling = {}
+        if c.rope_scaling == "dynamic":
+            scaling = {"dynamic_factor": c.rope_scaling_factor, "max_position_embeddings": c.max_position_embeddings}
+        rope = rotary_cos_sin(position_ids, c.head_dim, c.rope_theta, **scaling)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             if before_layer is not None:  # outside the layer's range: a cross-attention block has its own

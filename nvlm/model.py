@@ -113,7 +113,9 @@ class NVLM(nn.Module):
         with _nvtx.range("nvlm.vision"):
             features = self.vision(pixel_values)
         with _nvtx.range("nvlm.projector"):
-            return self.projector(features)
+            # The parts may hold different dtypes (nvlm.from_pretrained(dtype=None)): the projector's op
+            # takes its input in its own (a no-op when they agree).
+            return self.projector(features.to(self.projector[0].weight.dtype))
 
     # ----------------------------------------------------------------------------------------------
     # checks: every one runs before any kernel

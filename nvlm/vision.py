@@ -9,10 +9,13 @@ x += ls1 · Attn(norm1(x)); x += ls2 · MLP(norm2(x)), with no final norm. The a
 Parameter names are those of InternVL's ``modeling_intern_vit.py`` (which the Hugging Face
 NVLM-D-72B checkpoint uses under ``vision_model.``), so its state dict loads by name. NVLM's
 checkpoint pads the 25 real heads with zero "dummy" heads (``VisionConfig.num_dummy_heads``, spec
-§3.1); ``load_state_dict`` strips them after checking that they are zero.
+§3.1); ``load_state_dict`` strips them after checking them (``check_dummy_heads``: the dummy v rows
+and proj columns must be zero, nonzero dummy q / k rows only warn: they cannot change the output).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -183,17 +186,19 @@ def _nonzero(t: torch.Tensor) -> bool:
     return bool(torch.count_nonzero(t))
 
 
-def strip_dummy_heads(
+def check_dummy_heads(
     sl, key: str, part: str, real_width: int, num_dummy_heads: int | None = None, head_dim: int | None = None
-) -> torch.Tensor:
-    """The real-head part of one padded InternViT attention tensor (``sl``: a tensor, or a safetensors
-    slice so that a checkpoint loader reads only the parts it keeps); ``part`` is the name under the
-    layer's ``attn.`` (``qkv.weight``, ``qkv.bias``, ``proj.weight``, ``q_norm.weight``, ``k_norm.weight``).
+) -> tuple[int, list[tuple[int, int]]]:
+    """Check the dummy heads of one padded InternViT attention tensor (``sl``: a tensor, or a
+    safetensors slice: only the dummy parts are read) and return ``(padded width, row ranges of
+    nonzero dummy q / k rows)``; ``part`` as in ``strip_dummy_heads``.
 
-    HF layout (spec §3.1), W = (heads + dummy) · head_dim, C = real_width = heads · head_dim:
-    qkv.weight [3W, C] / qkv.bias [3W]: q, k, v blocks of W rows each, dummy heads last in each block
-    (rows C..W); proj.weight [C, W]: dummy columns C..W; q_norm / k_norm weight [W].
-    """
+    The rule (spec §3.1, §8.2): only the dummy heads' **v rows** and **proj columns** can reach the
+    output, so they must be zero (ValueError naming the key). Dummy **q / k rows** only shape the
+    dummy heads' attention weights, which multiply those zero v rows, and the QK-norm statistic
+    runs over the real features only (divided by ``real_width``): nonzero q / k rows are warned
+    about, and the caller drops (or, keeping the padded layout, zeroes) them. The q / k norm
+    weights' dummy part only ever scales those rows: not checked."""
     shape = tuple(sl.shape) if isinstance(sl, torch.Tensor) else tuple(sl.get_shape())
     padded = shape[0] // 3 if part.startswith("qkv") else shape[-1]
     if part.startswith("qkv") and shape[0] % 3:
@@ -209,27 +214,57 @@ def strip_dummy_heads(
                 f"{key}: shape {list(shape)} is not {real_width} real features + {num_dummy_heads} dummy heads"
                 + (f" of width {head_dim}" if head_dim else "")
             )
+    nonzero_qk: list[tuple[int, int]] = []
+    if padded == real_width or part in ("q_norm.weight", "k_norm.weight"):
+        return padded, nonzero_qk
+    if part == "proj.weight":
+        if _nonzero(sl[:, real_width:padded]):
+            raise ValueError(
+                f"{key}: the dummy-head columns {real_width}..{padded} are not all zero (they would add the dummy "
+                "heads' outputs to the ViT's)"
+            )
+        return padded, nonzero_qk
+    for block, name in enumerate("qkv"):
+        start, end = block * padded + real_width, (block + 1) * padded
+        if not _nonzero(sl[start:end]):
+            continue
+        if name == "v":
+            raise ValueError(
+                f"{key}: the dummy-head rows of the v block ({start}..{end}) are not all zero (they would reach the "
+                "output through the attention)"
+            )
+        nonzero_qk.append((start, end))
+        warnings.warn(
+            f"{key}: the dummy-head rows of the {name} block ({start}..{end}) are not all zero; they cannot change "
+            "the output (the dummy heads' v rows are zero and the QK-norm statistic covers the real features only) "
+            "and are dropped",
+            UserWarning,
+            stacklevel=3,
+        )
+    return padded, nonzero_qk
+
+
+def strip_dummy_heads(
+    sl, key: str, part: str, real_width: int, num_dummy_heads: int | None = None, head_dim: int | None = None
+) -> torch.Tensor:
+    """The real-head part of one padded InternViT attention tensor (``sl``: a tensor, or a safetensors
+    slice so that a checkpoint loader reads only the parts it keeps); ``part`` is the name under the
+    layer's ``attn.`` (``qkv.weight``, ``qkv.bias``, ``proj.weight``, ``q_norm.weight``, ``k_norm.weight``).
+    The dummy heads are checked first (``check_dummy_heads``: nonzero v rows or proj columns raise,
+    nonzero q / k rows warn).
+
+    HF layout (spec §3.1), W = (heads + dummy) · head_dim, C = real_width = heads · head_dim:
+    qkv.weight [3W, C] / qkv.bias [3W]: q, k, v blocks of W rows each, dummy heads last in each block
+    (rows C..W); proj.weight [C, W]: dummy columns C..W; q_norm / k_norm weight [W].
+    """
+    padded, _ = check_dummy_heads(sl, key, part, real_width, num_dummy_heads, head_dim)
     if padded == real_width:
         return sl[:]
     if part in ("q_norm.weight", "k_norm.weight"):
-        # The dummy part of the qk-norm weights may be nonzero: it only ever multiplies the dummy
-        # heads' q / k, which are zero (checked on qkv), and the RMS statistics run over the real C
-        # features (spec §3.1, vLLM's var_hidden_size) - so slicing is exact and there is nothing to check.
         return sl[:real_width]
     if part == "proj.weight":
-        dummy = sl[:, real_width:padded]
-        if _nonzero(dummy):
-            raise ValueError(f"{key}: the dummy-head columns {real_width}..{padded} are not all zero")
         return sl[:, :real_width]
-    blocks = []
-    for block, name in enumerate("qkv"):
-        start = block * padded
-        dummy = sl[start + real_width : start + padded]
-        if _nonzero(dummy):
-            rows = f"{start + real_width}..{start + padded}"
-            raise ValueError(f"{key}: the dummy-head rows of the {name} block ({rows}) are not all zero")
-        blocks.append(sl[start : start + real_width])
-    return torch.cat(blocks)
+    return torch.cat([sl[block * padded : block * padded + real_width] for block in range(3)])
 
 
 class InternViTMLP(nn.Module):

@@ -12,15 +12,18 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from nvlm.checkpoint import (
     INDEX_FILE,
+    from_pretrained,
     hf_nvlm_d_key_map,
     load_checkpoint,
     load_config,
     load_hf_nvlm_d,
     save_checkpoint,
+    stored_part_dtypes,
 )
 from nvlm.config import NVLMConfig
 from nvlm.projector import MLPProjector
@@ -126,6 +129,16 @@ def random_weights(cfg: NVLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 TINY_D = NVLMConfig.from_preset("tiny-d")
 
 
+def tiny_inputs(config: NVLMConfig):
+    """One prompt with a 120x60 image (3 tiles at the tiny presets' sizes), built by the processor."""
+    from nvlm.processor import NVLMProcessor
+    from nvlm.tokenizer import ByteTokenizer
+
+    pixels = torch.randint(0, 256, (60, 120, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    processor = NVLMProcessor(ByteTokenizer(), config)
+    return processor([{"role": "user", "content": "<image>\nWhat is this?"}], [Image.fromarray(pixels.numpy())])
+
+
 def test_the_stand_in_has_the_models_names_and_shapes():
     model = real_model(TINY_D)
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == our_parameter_shapes(TINY_D)
@@ -158,27 +171,71 @@ def test_load_keeps_float32_when_asked(hf_layout, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def with_nonzero_dummy(hf: dict[str, torch.Tensor], key: str, where: str) -> dict[str, torch.Tensor]:
+    """``hf`` with one nonzero value in a dummy head of ``key``: the first dummy row of the q, k or v
+    block ("q-row", "k-row", "v-row") of a qkv weight, or the last dummy column of a proj weight."""
+    c = TINY_D.vision.hidden_size
+    tensor = hf[key].clone()
+    if where == "column":
+        tensor[3, tensor.shape[-1] - 1] = 1e-3
+    else:
+        padded = tensor.shape[0] // 3
+        tensor[{"q-row": 0, "k-row": 1, "v-row": 2}[where] * padded + c, 5] = -2.0
+    return {**hf, key: tensor}
+
+
 @pytest.mark.parametrize(
     ("key", "where", "message"),
     [
-        ("vision_model.encoder.layers.1.attn.qkv.weight", "k-row", "rows of the k block"),
         ("vision_model.encoder.layers.0.attn.qkv.weight", "v-row", "rows of the v block"),
         ("vision_model.encoder.layers.1.attn.proj.weight", "column", "columns"),
     ],
 )
-def test_a_nonzero_dummy_head_is_refused_by_name(hf_layout, tmp_path, key, where, message):
-    hf = hf_layout.to_hf(random_weights(TINY_D), TINY_D)
-    c = TINY_D.vision.hidden_size
-    tensor = hf[key].clone()
-    padded = tensor.shape[-1] if where == "column" else tensor.shape[0] // 3
-    if where == "column":
-        tensor[3, padded - 1] = 1e-3
-    else:
-        block = {"k-row": 1, "v-row": 2}[where]
-        tensor[block * padded + c, 5] = -2.0  # first dummy row of that block
-    hf[key] = tensor
+def test_a_nonzero_dummy_v_row_or_proj_column_is_refused_by_name(hf_layout, tmp_path, key, where, message):
+    hf = with_nonzero_dummy(hf_layout.to_hf(random_weights(TINY_D), TINY_D), key, where)
     with pytest.raises(ValueError, match=re.escape(key) + ".*" + message):
         load_hf_nvlm_d(stand_in_model(TINY_D), hf_layout.write(tmp_path, hf))
+
+
+@pytest.mark.parametrize("where", ["q-row", "k-row"])
+def test_a_nonzero_dummy_q_or_k_row_only_warns_and_changes_nothing(hf_layout, tmp_path, where):
+    """Dummy q / k rows only shape the dummy heads' attention over zero v rows, and the QK-norm
+    statistic covers the real features only (spec §8.2): the model equals the hand-built one."""
+    ours = random_weights(TINY_D)
+    key = "vision_model.encoder.layers.1.attn.qkv.weight"
+    hf = with_nonzero_dummy(hf_layout.to_hf(ours, TINY_D), key, where)
+    model = real_model(TINY_D).eval()
+    with pytest.warns(UserWarning, match=re.escape(key) + f".*rows of the {where[0]} block.*cannot change the output"):
+        load_hf_nvlm_d(model, hf_layout.write(tmp_path, hf), dtype=torch.float32)
+    by_hand = real_model(TINY_D).eval()
+    by_hand.load_state_dict({name: t.float() for name, t in ours.items()})
+    inputs = tiny_inputs(TINY_D)
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, by_hand(inputs).logits)
+
+
+def test_tensor_parallel_ranks_read_nonzero_dummy_q_rows_as_zeros(hf_layout, tmp_path):
+    """A TP rank keeps the padded heads, and its QK-norm sums the squares of every head it holds:
+    the dummy q / k rows must arrive as zeros (with the warning); v rows are still refused."""
+    from nvlm.checkpoint import _load_hf_nvlm_d  # one rank's loading, without a process group
+    from nvlm.model import NVLM
+    from nvlm.parallel import TPGroup
+
+    ours = random_weights(TINY_D)
+    clean = hf_layout.write(tmp_path / "clean", hf_layout.to_hf(ours, TINY_D))
+    key = "vision_model.encoder.layers.0.attn.qkv.weight"
+    noisy = hf_layout.write(tmp_path / "noisy", with_nonzero_dummy(hf_layout.to_hf(ours, TINY_D), key, "q-row"))
+    bad = hf_layout.write(tmp_path / "bad", with_nonzero_dummy(hf_layout.to_hf(ours, TINY_D), key, "v-row"))
+    for rank in range(2):
+        group = TPGroup(2, rank)
+        want, got = NVLM(TINY_D, tp=group), NVLM(TINY_D, tp=group)
+        _load_hf_nvlm_d(want, clean, dtype=None, strict=True, num_dummy_heads=None, tp=group)
+        with pytest.warns(UserWarning, match="rows of the q block"):
+            _load_hf_nvlm_d(got, noisy, dtype=None, strict=True, num_dummy_heads=None, tp=group)
+        for (name, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (rank, name)
+        with pytest.raises(ValueError, match=re.escape(key) + ".*rows of the v block"):
+            _load_hf_nvlm_d(NVLM(TINY_D, tp=group), bad, dtype=None, strict=True, num_dummy_heads=None, tp=group)
 
 
 def test_a_dummy_head_count_that_does_not_fit_the_shapes_is_refused(hf_layout, tmp_path):
@@ -257,3 +314,128 @@ def test_own_checkpoint_of_another_variant_is_refused(tmp_path):
     wider = stand_in_model(NVLMConfig.from_preset("tiny-d").replace(llm={"vocab_size": 400}))
     with pytest.raises(ValueError, match=r"llm\.embed_tokens\.weight.*\[320, 128\].*\[400, 128\]"):
         load_checkpoint(wider, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# nvlm.from_pretrained
+
+
+def released_tiny_directory(hf_layout, path, ours, **config_changes):
+    """A tiny NVLM-D directory as nvidia/NVLM-D-72B ships: config.json in the released schema (written
+    in conftest, not by to_hf), index + 2 shards with the released key names, the padded ViT and the
+    released mix of float32 and bfloat16."""
+    directory = hf_layout.write(path, hf_layout.released_dtypes(hf_layout.to_hf(ours, TINY_D)))
+    (directory / "config.json").write_text(json.dumps(hf_layout.tiny_d_config(**config_changes)))
+    return directory
+
+
+# what the released schema at tiny-d's sizes says: tiny-d with NVLM-D-72B's dynamic RoPE scaling
+TINY_D_RELEASED = TINY_D.replace(llm={"rope_scaling": "dynamic", "rope_scaling_factor": 3.0})
+
+
+def hand_built(config: NVLMConfig, ours: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> nn.Module:
+    """The model built and loaded by hand: build_model, each part cast, load_state_dict (real heads)."""
+    from nvlm.model import build_model
+
+    model = build_model(config).eval()
+    for part, dtype in dtypes.items():
+        getattr(model, part).to(dtype)
+    model.load_state_dict(ours)
+    return model
+
+
+def test_from_pretrained_loads_the_released_layout_as_the_hand_built_model(hf_layout, tmp_path, monkeypatch):
+    from nvlm.model import NVLM
+
+    ours = random_weights(TINY_D)
+    directory = released_tiny_directory(hf_layout, tmp_path / "NVLM-D-tiny", ours)
+    built_on, init = [], NVLM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(kwargs.get("device"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(NVLM, "__init__", recording_init)
+    model = from_pretrained(directory, dtype=torch.float32)
+    assert built_on == ["meta"]  # never built with storage: each weight is written once
+    assert model.config == TINY_D_RELEASED.replace(name="NVLM-D-tiny")  # 2 dummy heads, read from the shapes
+    assert not model.training and {p.dtype for p in model.parameters()} == {torch.float32}
+    by_hand = hand_built(TINY_D_RELEASED, ours, dict.fromkeys(("vision", "projector", "llm"), torch.float32))
+    inputs = tiny_inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, by_hand(inputs).logits)
+    # the default: bfloat16 throughout
+    assert {p.dtype for p in from_pretrained(directory).parameters()} == {torch.bfloat16}
+
+
+def test_from_pretrained_as_stored_takes_each_parts_widest_dtype_and_runs(hf_layout, tmp_path):
+    ours = random_weights(TINY_D)
+    directory = released_tiny_directory(hf_layout, tmp_path / "hf", ours)
+    # the ViT and the LLM store some float32 tensors, the projector none
+    widest = {"vision": torch.float32, "projector": torch.bfloat16, "llm": torch.float32}
+    assert stored_part_dtypes(directory, "hf-nvlm-d") == widest
+    model = from_pretrained(directory, dtype=None)
+    for part, dtype in widest.items():
+        assert {p.dtype for p in getattr(model, part).parameters()} == {dtype}, part
+    inputs = tiny_inputs(model.config)
+    with torch.no_grad():
+        logits = model(inputs).logits
+        assert torch.isfinite(logits).all()
+        assert torch.equal(logits, hand_built(TINY_D_RELEASED, ours, widest)(inputs).logits)
+
+
+def test_from_pretrained_loads_our_own_checkpoints_too(tmp_path):
+    from nvlm.model import build_model
+
+    torch.manual_seed(0)
+    saved = build_model("tiny-h")
+    with torch.no_grad():
+        for i, param in enumerate(saved.parameters()):
+            if i % 3 == 0:  # stored mixed: as stored, each part takes its widest dtype
+                param.data = param.data.to(torch.bfloat16)
+    save_checkpoint(saved, tmp_path, config=saved.config)
+    model = from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config == saved.config
+    for (name, want), got in zip(saved.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(got, want.float()), name
+    as_stored = from_pretrained(tmp_path, dtype=None)
+    assert {p.dtype for p in as_stored.parameters()} == {torch.float32}  # every part holds some float32
+
+
+def test_from_pretrained_refuses_bad_directories_and_config_values(hf_layout, tmp_path):
+    ours = random_weights(TINY_D)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(tmp_path / "absent")
+    no_config = hf_layout.write(tmp_path / "no-config", hf_layout.to_hf(ours, TINY_D))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(no_config)
+    (no_config / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="neither a Hugging Face NVLM-D config"):
+        from_pretrained(no_config)
+    for changes, message in (
+        ({"select_layer": -2}, "select_layer = -2"),
+        ({"llm_config": {"architectures": ["LlamaForCausalLM"]}}, r"llm_config\.architectures"),
+        ({"ps_version": "v9"}, "ps_version = 'v9'"),
+        ({"llm_config": {"num_hidden_layers": 5}}, r"missing from the checkpoint: llm\.layers\.4\."),
+    ):
+        directory = released_tiny_directory(hf_layout, tmp_path / str(len(message)), ours, **changes)
+        with pytest.raises(ValueError, match=message):
+            from_pretrained(directory, dtype=torch.float32)
+
+
+def test_from_pretrained_keeps_tied_embeddings_tied(hf_layout, tmp_path):
+    from nvlm.model import build_model
+
+    tied = TINY_D.replace(llm={"tie_embeddings": True})
+    torch.manual_seed(0)
+    saved = build_model(tied)
+    save_checkpoint(saved, tmp_path / "ours", config=tied)
+    ours = {name: t.detach().clone() for name, t in saved.state_dict().items()}
+    hf = hf_layout.to_hf(ours, tied)
+    del hf["language_model.lm_head.weight"]  # a tied Hugging Face checkpoint stores the embedding only
+    directory = hf_layout.write(tmp_path / "hf", hf)
+    (directory / "config.json").write_text(json.dumps(tied.to_hf()))
+    for path in (tmp_path / "ours", directory):
+        model = from_pretrained(path, dtype=torch.float32)
+        assert model.llm.lm_head.weight is model.llm.embed_tokens.weight, path
+        assert torch.equal(model.llm.lm_head.weight, ours["llm.embed_tokens.weight"]), path

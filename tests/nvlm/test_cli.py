@@ -135,6 +135,67 @@ def test_run_from_our_checkpoint_takes_the_config_from_it(tmp_path, capsys):
     assert header.startswith("tiny-x (NVLM-X") and f"checkpoint {tmp_path}" in header
 
 
+def _byte_level_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer without merges (256 byte symbols + the ChatML and image specials,
+    inside tiny-d's vocabulary of 320), saved as a Hugging Face tokenizer next to the weights, as
+    NVLM-D-72B ships Qwen2.5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"])
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    ).save_pretrained(directory)
+
+
+def test_run_from_a_hugging_face_nvlm_d_directory_goes_through_from_pretrained(tmp_path, capsys, hf_layout):
+    """``nvlm run --checkpoint DIR`` on a directory laid out as nvidia/NVLM-D-72B (config.json in the
+    released schema, shards, its tokenizer): no --preset, no --tokenizer; it generates what the
+    model built and loaded by hand generates."""
+    pytest.importorskip("transformers", reason="the checkpoint's own tokenizer is read with transformers")
+    pytest.importorskip("tokenizers", reason="the test tokenizer is built with tokenizers")
+    torch.manual_seed(0)
+    by_hand = nvlm.build_model(TINY).eval()
+    with torch.no_grad():  # matrices of std 1.5/sqrt(fan-in): greedy decoding then varies its tokens
+        for param in by_hand.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 1.5 * param.shape[-1] ** -0.5)
+    ours = {name: t.detach().clone() for name, t in by_hand.state_dict().items()}
+    directory = hf_layout.write(tmp_path / "NVLM-D-tiny", hf_layout.to_hf(ours, TINY))
+    (directory / "config.json").write_text(json.dumps(hf_layout.tiny_d_config()))
+    _byte_level_tokenizer(directory)
+
+    argv = ["run", "--checkpoint", str(directory), "--max-new-tokens", "4", "--quiet", "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.startswith("NVLM-D-tiny (NVLM-D, ") and f"checkpoint {directory}" in header
+
+    args = cli.build_parser().parse_args(argv)
+    args.warmup = 0
+    request = cli._check_request(args)
+    assert request.tokenizer_dir == directory and request.pretrained
+    tokenizer = cli.load_tokenizer(request)
+    processor = nvlm.NVLMProcessor(tokenizer, request.config)
+    _, output = cli.generate_once(by_hand, processor, tokenizer, request, args)
+    generated = output.sequences[0, : int(output.lengths[0])].tolist()
+    assert len(set(generated)) > 1  # not one token repeated: the comparison below can tell models apart
+    assert "generated text:\n  " + cli.printable(cli.decode_generated(tokenizer, generated)) + "\n" in out
+
+
+def test_a_bad_hugging_face_config_value_is_one_error_line(tmp_path, capsys, hf_layout):
+    ours = {name: t.detach() for name, t in nvlm.build_model(TINY).state_dict().items()}
+    directory = hf_layout.write(tmp_path / "hf", hf_layout.to_hf(ours, TINY))
+    (directory / "config.json").write_text(json.dumps(hf_layout.tiny_d_config(select_layer=-2)))
+    assert cli.main(["run", "--checkpoint", str(directory), "--tokenizer", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nvlm run: error: --checkpoint") and "select_layer = -2" in lines[0]
+
+
 def test_checkpoint_layout_is_told_by_tensor_names(tmp_path):
     def index(directory: Path, names: list[str]) -> Path:
         directory.mkdir()

@@ -165,3 +165,77 @@ def test_init_is_seeded_and_builds_qwen2_72b_on_meta():
     assert abs(count - 72.71e9) / 72.71e9 < 0.01
     assert count == 72_706_203_648  # Qwen2-72B, untied embeddings
     assert tuple(big.layers[0].self_attn.k_proj.weight.shape) == (1024, 8192)  # 8 kv heads of 128
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic NTK RoPE scaling (NVLM-D-72B's llm_config: {"type": "dynamic", "factor": 3.0})
+
+DYNAMIC = dataclasses.replace(SMALL, max_position_embeddings=16, rope_scaling="dynamic", rope_scaling_factor=3.0)
+
+
+def _hf_qwen2_config(transformers, config: LLMConfig):
+    scaling = {"rope_scaling": {"type": "dynamic", "factor": config.rope_scaling_factor}} if config.rope_scaling else {}
+    return transformers.Qwen2Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, rms_norm_eps=config.rms_eps, rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
+        attn_implementation="eager", **scaling,
+    )  # fmt: skip
+
+
+def test_dynamic_rope_cos_sin_equal_transformers_bit_for_bit():
+    """Against a fresh transformers Qwen2RotaryEmbedding: up to max_position_embeddings (16) the
+    unscaled tables exactly; past it (one forward of 40 positions, then growing lengths) the scaled ones."""
+    transformers = pytest.importorskip("transformers", reason="Hugging Face's Qwen2 rotary embedding is the oracle")
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    head_dim, theta, limit = DYNAMIC.head_dim, DYNAMIC.rope_theta, DYNAMIC.max_position_embeddings
+    x = torch.zeros(1, dtype=torch.float32)
+    hf = Qwen2RotaryEmbedding(_hf_qwen2_config(transformers, DYNAMIC))
+    for length in (7, 16, 17, 40, 41, 64):  # a fresh module's lengths only grow past the limit, as in generation
+        positions = torch.arange(length)[None].expand(2, -1)
+        want = hf(x, positions)
+        got = rotary_cos_sin(positions, head_dim, theta, dynamic_factor=3.0, max_position_embeddings=limit)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), length
+        plain = rotary_cos_sin(positions, head_dim, theta)
+        assert torch.equal(got[0], plain[0]) == (length <= limit), length
+    # a decoding step: one position, scaled by its own length
+    step = torch.full((2, 1), 70)
+    got = rotary_cos_sin(step, head_dim, theta, dynamic_factor=3.0, max_position_embeddings=limit)
+    assert torch.equal(got[0], hf(x, step)[0])
+
+
+def test_dynamic_rope_scaling_matches_transformers_past_the_limit_and_changes_nothing_before():
+    transformers = pytest.importorskip("transformers", reason="Hugging Face Qwen2 is the outside oracle")
+    torch.manual_seed(1)
+    hf = transformers.Qwen2ForCausalLM(_hf_qwen2_config(transformers, DYNAMIC)).eval()
+    ours = Qwen2Decoder(DYNAMIC).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    plain = Qwen2Decoder(dataclasses.replace(DYNAMIC, rope_scaling=None, rope_scaling_factor=1.0)).eval()
+    plain.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, DYNAMIC.vocab_size, (2, 26))
+
+    # within max_position_embeddings: exactly the unscaled model
+    assert torch.equal(run(ours, ids[:, :16]), run(plain, ids[:, :16]))
+    # past it: transformers' dynamic NTK, for a whole forward ...
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    got = run(ours, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, run(plain, ids), atol=1e-3)  # the scaling does change these logits
+    # ... and for a prefill of 20 then decoding steps, each with its own length's base, like
+    # transformers' KV cache (keys keep the rotation they were cached with)
+    cache = ours.new_cache(2, 26)
+    steps = [run(ours, ids[:, :20], cache=cache)]
+    steps += [run(ours, ids[:, t : t + 1], position_ids=torch.full((2, 1), t), cache=cache) for t in range(20, 26)]
+    with torch.no_grad():
+        hf = transformers.Qwen2ForCausalLM(_hf_qwen2_config(transformers, DYNAMIC)).eval()  # a fresh rotary state
+        hf.load_state_dict({"model." + k if k != "lm_head.weight" else k: v for k, v in ours.state_dict().items()})
+        out = hf(input_ids=ids[:, :20], use_cache=True)
+        hf_steps, past = [out.logits], out.past_key_values
+        for t in range(20, 26):
+            out = hf(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            hf_steps.append(out.logits)
+            past = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), torch.cat(hf_steps, 1), atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -196,6 +197,78 @@ def test_loads_nvlm_dummy_head_padded_weights():
     padded["encoder.layers.1.attn.proj.weight"][0, -1] = 1.0
     with pytest.raises(ValueError, match="dummy-head columns .* are not all zero"):
         target.load_state_dict(padded)
+
+
+def released_padded_internvit(padded: dict[str, torch.Tensor], config: VisionConfig, dummy: int, pixel_values):
+    """The released NVLM-D InternViT (modeling_intern_vit.py's ``_naive_attn``) in float64, on the
+    padded weights as they are: heads + ``dummy`` heads all attend, and the QK-norm variance is the
+    sum of squares of the first C features divided by C (spec §3.1, §8.2)."""
+    p = {name: t.detach().double() for name, t in padded.items()}
+    x = pixel_values.double()
+    tiles, eps, width = x.shape[0], config.norm_eps, config.hidden_size
+    heads, head_dim = config.num_heads + dummy, config.head_dim
+    padded_width = heads * head_dim
+
+    def rms_norm(h, weight, var=None):
+        var = h.pow(2).mean(-1, keepdim=True) if var is None else var
+        return h / torch.sqrt(var + eps) * weight
+
+    patches = F.conv2d(
+        x, p["embeddings.patch_embedding.weight"], p["embeddings.patch_embedding.bias"], stride=config.patch_size
+    )
+    patches = patches.permute(0, 2, 3, 1).reshape(tiles, -1, width)
+    h = torch.cat([p["embeddings.class_embedding"].expand(tiles, 1, width), patches], dim=1)
+    h = h + p["embeddings.position_embedding"]
+    tokens = h.shape[1]
+    for i in range(config.num_layers):
+        pre = f"encoder.layers.{i}."
+        qkv = rms_norm(h, p[pre + "norm1.weight"]) @ p[pre + "attn.qkv.weight"].T
+        q, k, v = qkv.split(padded_width, dim=-1)
+        q_var = q[..., :width].pow(2).sum(-1, keepdim=True) / width
+        k_var = k[..., :width].pow(2).sum(-1, keepdim=True) / width
+        q, k = rms_norm(q, p[pre + "attn.q_norm.weight"], q_var), rms_norm(k, p[pre + "attn.k_norm.weight"], k_var)
+        q, k, v = (t.reshape(tiles, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(tiles, tokens, padded_width)
+        h = h + p[pre + "ls1"] * (attended @ p[pre + "attn.proj.weight"].T + p[pre + "attn.proj.bias"])
+        m = rms_norm(h, p[pre + "norm2.weight"]) @ p[pre + "mlp.fc1.weight"].T + p[pre + "mlp.fc1.bias"]
+        m = 0.5 * m * (1 + torch.erf(m / math.sqrt(2)))
+        h = h + p[pre + "ls2"] * (m @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"])
+    return h
+
+
+def test_nonzero_dummy_q_and_k_rows_warn_and_the_output_is_the_released_models():
+    """The dummy-head rule (spec §8.2): the released model with random nonzero dummy q / k rows (its
+    dummy v rows and proj columns zero) gives what our real-heads model gives after loading with a
+    warning; a nonzero dummy v row is refused."""
+    config = dataclasses.replace(TINY_6B_STYLE, num_dummy_heads=2)
+    real, extra = config.hidden_size, 2 * config.head_dim
+    padded = pad_dummy_heads(randomized(config).state_dict(), config, dummy=2)
+    generator = torch.Generator().manual_seed(5)
+    for layer in range(config.num_layers):
+        qkv = padded[f"encoder.layers.{layer}.attn.qkv.weight"]
+        for block in (0, 1):  # q and k
+            start = block * (real + extra) + real
+            qkv[start : start + extra] = torch.randn(extra, qkv.shape[1], generator=generator)
+    x = pixels(config)
+    want = released_padded_internvit(padded, config, 2, x)
+    model = InternViT(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict(padded)
+    assert sorted(str(w.message).split(":")[0] + " " + str(w.message).split(" of the ")[1][0] for w in caught) == [
+        f"encoder.layers.{layer}.attn.qkv.weight {block}" for layer in range(2) for block in "kq"
+    ]
+    assert all(w.category is UserWarning and "cannot change the output" in str(w.message) for w in caught)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), want, rtol=1e-4, atol=1e-4)
+
+    v_start = 2 * (real + extra) + real
+    padded["encoder.layers.1.attn.qkv.weight"][v_start + 3, 0] = 0.5
+    with pytest.raises(ValueError, match=r"encoder\.layers\.1\.attn\.qkv\.weight: .* v block"):
+        with warnings.catch_warnings():  # the q / k rows warn again, as above
+            warnings.simplefilter("ignore")
+            model.load_state_dict(padded)
 
 
 def parameter_count(config: VisionConfig) -> int:
