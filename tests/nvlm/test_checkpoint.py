@@ -439,3 +439,22 @@ def test_from_pretrained_keeps_tied_embeddings_tied(hf_layout, tmp_path):
         model = from_pretrained(path, dtype=torch.float32)
         assert model.llm.lm_head.weight is model.llm.embed_tokens.weight, path
         assert torch.equal(model.llm.lm_head.weight, ours["llm.embed_tokens.weight"]), path
+
+
+def test_from_pretrained_builds_and_reads_only_a_ranks_shards(hf_layout, tmp_path, monkeypatch):
+    """Each tensor-parallel rank of from_pretrained holds exactly its shards of the hand-sharded
+    state dict (``shard_state_dict``; the padded ViT heads of NVLM's layout). One process plays each
+    rank: the ranks' agreement (a collective) is replaced by running the load."""
+    from nvlm.parallel import TPGroup, shard_state_dict
+
+    monkeypatch.setattr("nvlm.checkpoint.agree_on_success", lambda action, tp, what: action())
+    ours = random_weights(TINY_D)
+    directory = released_tiny_directory(hf_layout, tmp_path / "hf", ours)
+    full = {name: t.float() for name, t in ours.items()}
+    for rank in range(2):
+        model = from_pretrained(directory, dtype=torch.float32, tp=TPGroup(2, rank))
+        want = shard_state_dict(full, model.config, 2, rank)
+        got = model.state_dict()
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (rank, name)
