@@ -532,7 +532,7 @@ def from_pretrained(
     tensors have (``stored_part_dtypes``), so that no stored value is rounded and each part runs in
     a single dtype (the model casts between parts). The released NVLM-D-72B stores the ViT's
     qkv / proj / q_norm / k_norm and some LLM projections in float32, the rest in bfloat16: as
-    stored it loads as a float32 ViT, a bfloat16 projector and a float32 LLM (about 300 GB).
+    stored it loads as a float32 ViT, a bfloat16 projector and a float32 LLM (about 315 GB).
 
     ``tp``: tensor-parallel size as in ``nvlm.build_model`` (None: the torch.distributed world
     size); each rank builds and reads only its shards."""
