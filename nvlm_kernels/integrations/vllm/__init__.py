@@ -25,6 +25,14 @@ What changes in them:
   arithmetic exactly), the CPU path on a CPU. ``frontend``: the frontend runs our CPU path (the
   threaded Pillow-exact one) and sends float tiles as vLLM does; needed with
   ``compilation_config.cudagraph_mm_encoder`` (its graphs capture vLLM's float ``pixel_values_flat``).
+  What travels to the worker in worker mode is the image itself (H·W·3 bytes) instead of its tiles
+  (T·3·448² values in the model's dtype): less for most images (1024x768: 2.4 MB instead of 8.4 MB
+  of bf16 tiles), more for large photos (4032x3024: 36.6 MB instead of 8.4 MB).
+  Why the worker and not a GPU in the frontend: vLLM 0.32's processor runs in the API process,
+  which would need a CUDA context of its own on the workers' GPUs and vLLM's ``torch_shm`` IPC to
+  hand the tiles over (under tensor parallelism to every rank); the worker already owns the model's
+  device and runs the encoder there, and every TP rank preprocesses the same images (deterministic,
+  nothing broadcast), as ``nvlm/parallel.py`` does.
 
 Turning it off: ``VLLM_PLUGINS`` (vLLM's allowlist: ``VLLM_PLUGINS=`` loads no plugin; a list without
 ``nvlm_kernels`` skips this one) or ``NVLM_KERNELS_VLLM=0``. ``import nvlm_kernels`` never imports

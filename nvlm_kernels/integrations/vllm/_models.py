@@ -60,6 +60,12 @@ LAYOUT = "nvlm_image_layout"  # int64 [6] per image: height, width, min tiles, m
 _LAYOUT_COLUMNS = 6
 
 
+def _count(key: str, n: int = 1) -> None:
+    """The plugin's counters, outside torch.compile's tracing (vLLM can compile the encoder layers)."""
+    if not torch.compiler.is_compiling():
+        plugin._count(key, n)
+
+
 # --------------------------------------------------------------------------------------------------
 # preprocessing: the frontend side (vLLM's processor, run in the API / LLM process)
 
@@ -215,7 +221,7 @@ class InternAttentionOnNvlmKernels(InternParallelAttention):
         if not self.qk_normalization:
             q, k, v = qkv.view(tiles, tokens, 3, heads, head_dim).unbind(2)  # strided views, no copies
             out = nk.vit_attention(q, k, v, softmax_scale=self.scale)
-            plugin._count("vit_attention")
+            _count("vit_attention")
         elif self.tp_size == 1:
             out = nk.vit_qk_norm_attention(
                 qkv,
@@ -226,12 +232,12 @@ class InternAttentionOnNvlmKernels(InternParallelAttention):
                 norm_features=_norm_features(self.q_norm),
                 softmax_scale=self.scale,
             )
-            plugin._count("vit_qk_norm_attention")
+            _count("vit_qk_norm_attention")
         else:
             q, k, v = qkv.view(tiles, tokens, 3, heads, head_dim).unbind(2)
             q, k = self._qk_norm_all_reduce(q, k)
             out = nk.vit_attention(q, k, v, softmax_scale=self.scale)
-            plugin._count("vit_attention")
+            _count("vit_attention")
         out, _ = self.proj(out.reshape(tiles, tokens, heads * head_dim))
         return out
 
@@ -290,8 +296,9 @@ class _OnNvlmKernels:
     """Mixin for vLLM's ``InternVLChatModel`` and ``NVLM_D_Model``."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        self._nk_preprocess = plugin.preprocess_mode()
-        if self._nk_preprocess == "worker" and getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+        if plugin.preprocess_mode() == "worker" and getattr(
+            vllm_config.compilation_config, "cudagraph_mm_encoder", False
+        ):
             raise plugin.VllmPluginError(
                 "nvlm_kernels' vLLM plugin preprocesses images in the worker from uint8 pixels, which "
                 "compilation_config.cudagraph_mm_encoder cannot capture (its graphs take vLLM's float "
@@ -329,7 +336,7 @@ class _OnNvlmKernels:
             drop_cls=True,
             version="v1" if self.ps_version == "v1" else "v2",
         )
-        plugin._count("mlp_projector")
+        _count("mlp_projector")
         return out
 
     def embed_multimodal(self, **kwargs):
@@ -372,7 +379,7 @@ class _OnNvlmKernels:
             tiles.append(values)
             totals += [plan.total for plan in plans]
             start = end
-        plugin._count("preprocess_images", len(rows))
+        _count("preprocess_images", len(rows))
         expected = kwargs.get("image_num_patches")
         if expected is not None:
             expected = [int(n) for n in (expected.tolist() if isinstance(expected, torch.Tensor) else expected)]

@@ -231,7 +231,9 @@ def _write_remote_code(path: Path, family: str) -> None:
 # configs and weights
 
 
-def _configs(family: str, vocab: int, scale: int, image_size: int, layers: int) -> tuple[dict, dict, dict]:
+def _configs(
+    family: str, vocab: int, scale: int, image_size: int, layers: int, vision_overrides: dict, llm_overrides: dict
+) -> tuple[dict, dict, dict]:
     nvlm = family == "nvlm-d"
     head_dim = 32
     vision = {
@@ -275,6 +277,9 @@ def _configs(family: str, vocab: int, scale: int, image_size: int, layers: int) 
         "eos_token_id": None,
         "torch_dtype": "float32",
     }
+    vision.update(vision_overrides)
+    llm.update(llm_overrides)
+    llm["vocab_size"] = max(llm["vocab_size"], vocab)
     f = _FAMILY[family]
     top = {
         "architectures": [f["arch"]],
@@ -387,11 +392,16 @@ def write_checkpoint(
     scale: int = 1,
     image_size: int = 56,
     layers: int = 2,
+    vision: dict | None = None,
+    llm: dict | None = None,
+    weights: bool = True,
 ) -> str:
     """Write a tiny random ``family`` ("nvlm-d" or "internvl") checkpoint into ``path`` (created);
     returns the path as a string. ``scale`` multiplies the heads (and so the widths) of the ViT
     and the LLM; ``image_size`` is the tile size (a multiple of 28: 14-pixel patches, then the 2x2
-    shuffle)."""
+    shuffle). ``vision`` / ``llm``: entries that replace those of ``vision_config`` / ``llm_config``
+    (real widths for a benchmark). ``weights=False`` writes no weights (for vLLM's
+    ``load_format="dummy"``, which makes random ones itself)."""
     from safetensors.torch import save_file
 
     if family not in FAMILIES:
@@ -402,10 +412,11 @@ def write_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(path, family)
     vocab = (vocab + 63) // 64 * 64  # the embedding rows, padded as released checkpoints pad them
-    top, vision, llm = _configs(family, vocab, scale, image_size, layers)
+    top, vision, llm = _configs(family, vocab, scale, image_size, layers, vision or {}, llm or {})
     (path / "config.json").write_text(json.dumps(top, indent=2))
     _write_remote_code(path, family)
-    save_file(_weights(family, vision, llm, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    if weights:
+        save_file(_weights(family, vision, llm, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
     return str(path)
 
 
