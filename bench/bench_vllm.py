@@ -179,6 +179,7 @@ def _run_provider(spec: dict, env_overrides: dict[str, str], in_process: bool, t
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_PLUGINS", "NVLM_KERNELS_VLLM"))}
         env.update(env_overrides)
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the counter functions
+        env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")  # nothing leaves the machine
         if in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         proc = subprocess.run(

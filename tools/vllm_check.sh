@@ -19,8 +19,10 @@ NVLM_KERNELS_BUILD_EXT=0 "$VENV/bin/python" -m pip install -q -e . --no-build-is
   | { grep -v "^WARNING: Location 'file:" || true; }
 echo "vllm-check: nvlm-kernels installed into $VENV in $((SECONDS - start)) s"
 
-# vLLM's own caches (model-class inspection) inside the build folder, not the home directory
+# vLLM's own caches (model-class inspection) inside the build folder, not the home directory;
+# no usage statistics to vLLM's server (on by default) and no hub lookups: nothing leaves the machine
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$ROOT/build/vllm-cache}
+export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 rc=0
 "$VENV/bin/pytest" tests/integrations/test_vllm_plugin.py tests/integrations/test_vllm_engine.py \
   -q -p no:cacheprovider --durations=5 "$@" || rc=$?

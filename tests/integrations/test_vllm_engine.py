@@ -37,6 +37,12 @@ import torch  # noqa: E402
 
 from nvlm_kernels.integrations.vllm.testing import tp_attention_worker  # noqa: E402
 
+# vLLM reports usage statistics to its server by default, and transformers may ask the hub:
+# nothing here leaves the machine
+OFFLINE = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+for _key, _value in OFFLINE.items():
+    os.environ.setdefault(_key, _value)  # for the processes this one spawns itself (the TP test)
+
 FAMILIES = ("nvlm-d", "internvl")
 VLLM_CLASSES = {"nvlm-d": "NVLM_D_Model", "internvl": "InternVLChatModel"}
 OUR_CLASSES = {"nvlm-d": "NVLMDOnNvlmKernels", "internvl": "InternVLChatOnNvlmKernels"}
@@ -50,6 +56,7 @@ def _engines(tmp: Path, runs: list[dict], env: dict[str, str], timeout: int = 42
     spec, out = tmp / "runs.json", tmp / "reports.json"
     spec.write_text(json.dumps(runs))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "NVLM_KERNELS_", "TRITON_INTERPRET"))}
+    base.update(OFFLINE)
     proc = subprocess.run(
         [sys.executable, "-m", "nvlm_kernels.integrations.vllm.testing", str(spec), str(out)],
         cwd=tmp,
