@@ -5,7 +5,9 @@ Two kinds of implementation, selected by name:
 * our kernels -- ``cuda`` (the compiled extension ``nvlm_kernels._C``: its CUDA kernels on CUDA
   tensors, its C++ host kernels on CPU tensors, which share the index math with the device code),
   ``triton`` (Triton kernels: on CUDA tensors with a driver, on CPU tensors only through the Triton
-  interpreter) and ``reference`` (plain PyTorch: the oracle);
+  interpreter), ``hopper`` (Triton kernels written for sm_90: TMA descriptors, two consumer
+  warpgroups, FMA-folded scaling; CUDA tensors of a compute capability 9.x GPU, or CPU tensors
+  through the interpreter) and ``reference`` (plain PyTorch: the oracle);
 * peers -- the strongest implementation a user already has, behind our checks and semantics:
   ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``; torch picks cuDNN / flash /
   memory-efficient), ``flex`` (FlexAttention with a block mask) and ``unfused`` (the projector as
@@ -41,7 +43,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from nvlm_kernels import _extension
 
-KERNEL_BACKENDS = ("cuda", "triton", "reference")
+KERNEL_BACKENDS = ("cuda", "triton", "hopper", "reference")
 PEER_BACKENDS = ("sdpa", "flex", "unfused")
 BACKENDS = KERNEL_BACKENDS + PEER_BACKENDS
 ENV_VAR = "NVLM_KERNELS_BACKEND"
@@ -70,11 +72,13 @@ class OpBackends:
     cuda_op: str | None  # e.g. "nvlm_C::pixel_shuffle_fwd"
     peers: tuple[str, ...] = ()
     default_peer: dict[str, str] = field(default_factory=dict)
+    has_hopper: bool = False  # sm_90 Triton variants (module <op>/hopper.py)
 
     @property
     def backends(self) -> tuple[str, ...]:
         """Every backend name this op implements, kernels first."""
-        kernels = (("cuda",) if self.cuda_op else ()) + (("triton",) if self.has_triton else ()) + ("reference",)
+        kernels = (("cuda",) if self.cuda_op else ()) + (("triton",) if self.has_triton else ())
+        kernels += (("hopper",) if self.has_hopper else ()) + ("reference",)
         return kernels + self.peers
 
 
@@ -91,6 +95,7 @@ def register_op(
     cuda_op: str | None,
     peers: tuple[str, ...] = (),
     default_peer: dict[str, str] | None = None,
+    has_hopper: bool = False,
 ) -> OpBackends:
     unknown = [p for p in peers if p not in PEER_BACKENDS]
     if unknown:
@@ -98,7 +103,7 @@ def register_op(
     default_peer = dict(default_peer or {})
     if any(p not in peers for p in default_peer.values()):
         raise ValueError(f"{name}: default peers {default_peer} must be among its peers {peers}")
-    entry = OpBackends(name, has_triton, cuda_op, tuple(peers), default_peer)
+    entry = OpBackends(name, has_triton, cuda_op, tuple(peers), default_peer, has_hopper)
     _REGISTRY[name] = entry
     _select_auto.cache_clear()
     return entry
@@ -216,6 +221,18 @@ def _why_unavailable(op: str, backend: str, device_type: str, interpreter: bool)
         return "no CUDA device is available"
     if backend in PEER_BACKENDS:
         return _peer_unavailable(backend, device.type)
+    if backend == "hopper":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            if interpreter:
+                return "TRITON_INTERPRET=1 is set, so Triton kernels run only on CPU tensors"
+            major = torch.cuda.get_device_capability()[0]
+            return None if major == 9 else f"its kernels are for sm_90 (Hopper), this GPU is sm_{major}x"
+        if device.type == "cpu":
+            return None if interpreter else "Triton runs on CPU tensors only through its interpreter"
+        return f"the hopper backend does not support device type {device.type!r}"
     if backend == "triton":
         err = _triton_import_error()
         if err:

@@ -27,7 +27,8 @@ def device(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=list(nvlm_kernels._backend.KERNEL_BACKENDS))
+# the kernel backends every op test runs over; the sm_90 "hopper" variants have their own tests
+@pytest.fixture(params=["cuda", "triton", "reference"])
 def backend(request) -> str:
     return request.param
 
