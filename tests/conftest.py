@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import nvlm_kernels  # noqa: E402
+import nvlm_kernels  # noqa: E402, F401 - imported here, after TRITON_INTERPRET is set, before any test module
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
