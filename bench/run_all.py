@@ -33,7 +33,9 @@ from common import append_csv, environment, format_table, markdown_table, measur
 
 
 def bench_modules() -> list:
-    return [importlib.import_module(p.stem) for p in sorted(HERE.glob("bench_*.py"))]
+    # bench_vllm.py is a script of its own (vLLM's engines need their own processes and venv): no cases()
+    modules = [importlib.import_module(p.stem) for p in sorted(HERE.glob("bench_*.py"))]
+    return [m for m in modules if hasattr(m, "cases")]
 
 
 def write_summary(out: str, env: dict, sections: list, rows: list) -> list[str]:

@@ -75,9 +75,14 @@ def preprocess(
             tasks.append((pil, (s, s), 1, 1, s, out[start + plan.num_tiles : start + plan.total]))
         start += plan.total
 
+    inference = torch.is_inference_mode_enabled()
+
     def run(task) -> None:
         pil, size, cols, rows, s, dest = task
-        _write_tiles(_resize(pil, size), cols, rows, s, mean_t, std_t, dest)
+        # grad and inference modes are thread-local: a pool thread takes the caller's, or it could
+        # not write into an inference tensor made by a caller under torch.inference_mode (vLLM's worker)
+        with torch.inference_mode(inference):
+            _write_tiles(_resize(pil, size), cols, rows, s, mean_t, std_t, dest)
 
     if num_threads <= 1 or len(tasks) <= 1:
         for task in tasks:

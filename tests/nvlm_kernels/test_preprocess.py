@@ -493,3 +493,14 @@ def test_kernel_on_every_size_pair_small():
         got, _ = nk.preprocess_images(images, tile_size=16)
     assert torch.equal(got, expected)
     assert math.isfinite(got.abs().max().item())
+
+
+def test_cpu_path_threads_under_inference_mode():
+    """vLLM's worker calls under torch.inference_mode: the pool threads must write the inference
+    tensor in the caller's mode (grad and inference modes are thread-local)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (120, 200, 3), dtype=np.uint8) for _ in range(2)]
+    want, _ = nk.preprocess_images(images, tile_size=56, num_threads=1)
+    with torch.inference_mode():
+        got, _ = nk.preprocess_images(images, tile_size=56, num_threads=2)
+    assert got.is_inference() and torch.equal(got, want)

@@ -364,18 +364,15 @@ class _OnNvlmKernels:
             while end < len(rows) and rows[end][2:] == rows[start][2:]:
                 end += 1
             min_tiles, max_tiles, thumbnail, tile_size = rows[start][2:]
-            # outside inference mode: the CPU path fills its output from a thread pool, whose threads
-            # are not in the worker's inference mode and may not write an inference tensor
-            with torch.inference_mode(False):
-                values, plans = nk.preprocess_images(
-                    images[start:end],
-                    device=pixels.device,
-                    dtype=dtype,
-                    min_tiles=min_tiles,
-                    max_tiles=max_tiles,
-                    tile_size=tile_size,
-                    use_thumbnail=bool(thumbnail),
-                )
+            values, plans = nk.preprocess_images(
+                images[start:end],
+                device=pixels.device,
+                dtype=dtype,
+                min_tiles=min_tiles,
+                max_tiles=max_tiles,
+                tile_size=tile_size,
+                use_thumbnail=bool(thumbnail),
+            )
             tiles.append(values)
             totals += [plan.total for plan in plans]
             start = end
