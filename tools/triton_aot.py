@@ -1,13 +1,15 @@
 """Compile every Triton kernel ahead of time for real GPUs, with no GPU present (`make triton-aot`).
 
-Each ``nvlm_kernels/<op>/triton.py`` lists its kernels and NVLM-shaped signatures in ``aot_specs()``
-(a spec with an ``"arch"`` key is compiled for that architecture only: autotuned kernels give
-each architecture its own block configuration).
+Each ``nvlm_kernels/<op>/triton.py`` (and ``hopper.py``, the sm_90 variants) lists its kernels and
+NVLM-shaped signatures in ``aot_specs()`` (a spec with an ``"arch"`` key is compiled for that
+architecture only: autotuned kernels give each architecture its own block configuration).
 For each, and for sm_90 (H100) and sm_80 (A100), this compiles to PTX and cubin with
 ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and checks what the interpreter cannot:
 that it compiles at all, that shared memory fits the device, and (with the cuobjdump shipped in the
 triton package) that no kernel spills to local memory or keeps a stack frame. Matrix kernels can
-ask for ``"expect_ptx": {90: ["wgmma"]}`` to verify the Hopper path uses warpgroup MMA.
+ask for ``"expect_ptx": {90: ["wgmma"]}`` to verify the Hopper path uses warpgroup MMA, and for
+``"expect_sass": {90: ["UTMALDG", "HGMMA"]}`` to find those opcodes in the SASS (cuobjdump -sass):
+TMA loads and warpgroup MMA in the machine code, not only in the PTX.
 
 Exit code 1 on any failure. Works with triton 3.6 and 3.8 (the ASTSource API moved before 3.2).
 """
@@ -29,10 +31,14 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+KERNEL_MODULES = ("triton", "hopper")  # <op>/triton.py: sm_80 and sm_90; <op>/hopper.py: sm_90 variants
+
+
 def discover_modules() -> list[str]:
     return sorted(
-        f"nvlm_kernels.{p.parent.name}.triton"
-        for p in (ROOT / "nvlm_kernels").glob("*/triton.py")
+        f"nvlm_kernels.{p.parent.name}.{p.stem}"
+        for name in KERNEL_MODULES
+        for p in (ROOT / "nvlm_kernels").glob(f"*/{name}.py")
         if not p.parent.name.startswith("_")
     )
 
@@ -43,14 +49,27 @@ def cuobjdump_path() -> pathlib.Path:
     return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG/STACK/SHARED/LOCAL of the (single) kernel in ``cubin``, read with cuobjdump -res-usage."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump's output for ``cubin`` with ``flag`` (-res-usage, -sass)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run(
-            [str(cuobjdump_path()), "-res-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
+        return subprocess.run([str(cuobjdump_path()), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_opcodes(sass: str) -> set[str]:
+    """The opcodes of a cuobjdump -sass listing, with and without their modifiers (HGMMA.64x128x16.F32
+    gives HGMMA.64x128x16.F32 and HGMMA)."""
+    opcodes = set()
+    for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass):
+        opcode = match.group(1)
+        opcodes.update((opcode, opcode.split(".")[0]))
+    return opcodes
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG/STACK/SHARED/LOCAL of the (single) kernel in ``cubin``, read with cuobjdump -res-usage."""
+    text = cuobjdump(cubin, "-res-usage")
     usage = {key: int(val) for key, val in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
     if not usage:
         raise RuntimeError(f"could not parse cuobjdump output:\n{text}")
@@ -95,6 +114,10 @@ def check_one(task: tuple[str, int, int]) -> tuple[str, int, dict, float, list[s
         for expected in spec.get("expect_ptx", {}).get(arch, []):
             if expected not in compiled.asm["ptx"]:
                 problems.append(f"PTX lacks {expected!r}")
+        expect_sass = spec.get("expect_sass", {}).get(arch, [])
+        if expect_sass:
+            opcodes = sass_opcodes(cuobjdump(compiled.asm["cubin"], "-sass"))
+            problems += [f"SASS lacks {op}" for op in expect_sass if op not in opcodes]
     except Exception as exc:  # report every kernel, then fail
         problems.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
     return spec["name"], arch, usage, time.perf_counter() - start, problems
