@@ -23,6 +23,10 @@ Backends (``nk.use_backend(name)`` / ``NVLM_KERNELS_BACKEND``; ``auto`` otherwis
   everywhere), so the op is never slower than what a user already had;
 * ``triton`` (float16, bfloat16) — ours: the shuffle and the LayerNorm in the first GEMM's loads,
   GELU in its epilogue (``triton.py``);
+* ``hopper`` (float16, bfloat16; K % 8 == 0) — ours for sm_90: the unfused path's gather + LayerNorm
+  pass writing z, then a persistent TMA-fed first GEMM with bias + GELU in its epilogue, cuBLAS for
+  the second (``hopper.py``); CUDA tensors of a compute capability 9.x GPU, or CPU tensors through
+  the interpreter. Unmeasured: ``auto`` never picks it until a GPU run's dispatch table does;
 * ``reference`` (any float dtype) — plain PyTorch, the oracle (``reference.py``).
 
 The public function picks the backend once per call (``_backend.select`` with the shape bucket
@@ -54,7 +58,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh")
 PARAMETERS = ("x", "ln_weight", "ln_bias", "w1", "w2", "b1", "b2")
 
 PEER = "unfused"
-_backend.register_op(OP, has_triton=True, cuda_op=None, peers=(PEER,), default_peer={"cpu": PEER, "cuda": PEER})
+_backend.register_op(
+    OP, has_triton=True, has_hopper=True, cuda_op=None, peers=(PEER,), default_peer={"cpu": PEER, "cuda": PEER}
+)
 
 __all__ = ["mlp_projector"]
 
@@ -123,20 +129,30 @@ def _bucket(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, downscal
     return f"M={pow2(m)},K={pow2(w1.shape[1])},N1={pow2(w1.shape[0])},N2={n2}"
 
 
-def _unsupported(x: torch.Tensor) -> tuple[tuple[str, str], ...]:
+def _hopper_reason(w1: torch.Tensor) -> str | None:
+    """The hopper kernels' TMA loads need 16-byte rows of z and W1 (K % 8 == 0)."""
+    if w1.shape[1] % 8:
+        return f"its TMA loads need K % 8 == 0 (16-byte rows), got K = {w1.shape[1]}"
+    return None
+
+
+def _unsupported(x: torch.Tensor, w1: torch.Tensor) -> tuple[tuple[str, str], ...]:
     reason = _kernel_reason(x)
-    return (("triton", reason),) if reason else ()
+    if reason:
+        return (("triton", reason), ("hopper", reason))
+    hopper = _hopper_reason(w1)
+    return (("hopper", hopper),) if hopper else ()
 
 
 def _select(x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
     """The backend that runs this call: the request (raising if it cannot run it) or auto's choice."""
-    return _backend.select(OP, x.device, x.dtype, _bucket(x, w1, w2, downscale, cls), grad, _unsupported(x))
+    return _backend.select(OP, x.device, x.dtype, _bucket(x, w1, w2, downscale, cls), grad, _unsupported(x, w1))
 
 
 def _resolve(backend: str, x, w1, w2, downscale: int, cls: int, grad: bool) -> str:
     """Inside the op: the backend to run (``_backend.op_backend``)."""
     bucket = _bucket(x, w1, w2, downscale, cls)
-    return _backend.op_backend(OP, backend, x.device, x.dtype, bucket, grad, _unsupported(x))
+    return _backend.op_backend(OP, backend, x.device, x.dtype, bucket, grad, _unsupported(x, w1))
 
 
 def _impl(backend: str):

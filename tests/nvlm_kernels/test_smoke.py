@@ -25,7 +25,7 @@ def _dtypes(backend: str) -> list[torch.dtype]:
     if DEVICE == "cuda":
         # FlexAttention compiles once per dtype (tens of seconds each): bf16, NVLM's dtype, only
         return [torch.bfloat16] if backend == "flex" else [torch.bfloat16, torch.float16]
-    return [torch.float16] if backend == "triton" else [torch.float32]
+    return [torch.float16] if backend in ("triton", "hopper") else [torch.float32]  # our Triton kernels: fp16
 
 
 def _gen() -> torch.Generator:
