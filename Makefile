@@ -3,7 +3,8 @@
 #   make bench       the microbenchmark suite on whatever device is here; writes bench/results/local/
 #   make gpu-check-dry-run  bench/gpu_check.sh --dry-run: the GPU run's steps on this CPU, tiny shapes
 #   make cuda-check  .venv-cuda (torch 2.14.1 CUDA 13.0 + pip nvcc): real CUDA build for sm_80/sm_90a, no GPU needed
-#   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8
+#   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8, and check
+#                    the Hopper variants' main-loop instruction mix (tools/sass_mix.py)
 #   make cmake-check CMakeLists.txt against the CPU torch: builds libnvlm_C and runs its C++ smoke test
 #   make lint        ruff
 SHELL := /bin/bash
@@ -85,6 +86,8 @@ cuda-check: venv-cuda
 triton-aot: venv venv-cuda
 	$(PY) tools/triton_aot.py
 	$(PY_CUDA) tools/triton_aot.py
+	$(PY) tools/sass_mix.py --check
+	$(PY_CUDA) tools/sass_mix.py --check
 
 cmake-check: venv
 	rm -rf build/cmake
