@@ -6,10 +6,10 @@ tile, text before the image sees nothing), two interleaved images, and seven one
 row sees 1/7 of the keys) — and decoding: batch 64, one query token over 1792 cached image keys.
 
 Providers, all through the package's public op (one definition of each peer, in the package):
-``triton`` (ours), ``auto`` (what a user gets: the dispatch table's choice, else the default peer —
-flex on CUDA, sdpa on CPU), ``sdpa`` (the op's sdpa peer: SDPA with a dense boolean mask, as vLLM's
-Mllama does; torch picks the SDPA kernel) and, on CUDA, that same peer restricted to one SDPA kernel
-(``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``: ``use_backend("sdpa")`` inside
+``triton`` (ours), ``hopper`` (our sm_90 variants), ``auto`` (what a user gets: the dispatch table's
+choice, else the default peer — flex on CUDA, sdpa on CPU), ``sdpa`` (the op's sdpa peer: SDPA with a
+dense boolean mask, as vLLM's Mllama does; torch picks the SDPA kernel) and, on CUDA, that same peer
+restricted to one SDPA kernel (``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``: ``use_backend("sdpa")`` inside
 ``torch.nn.attention.sdpa_kernel``; flash takes no mask), ``flex`` (the op's flex peer with its
 BlockMask kept from the previous call, as the cross-attention layers of one forward share it),
 ``flex+build`` (the BlockMask built again in every call: what one layer pays alone), ``flex-build``
@@ -31,7 +31,7 @@ import torch
 import nvlm_kernels as nk
 from nvlm_kernels.cross_attention import flex as flex_backend
 
-from common import Case, close_to, run_module, skipped
+from common import OUR_KERNELS, Case, close_to, kernel_reason, run_module, skipped
 
 OP = "gated_cross_attention"
 KERNEL = "cross_attention.fwd"
@@ -131,12 +131,12 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     q = torch.randn(1, sq, hq, d, generator=gen, device=device, dtype=dtype)
     k, v = (torch.randn(1, skv, hkv, d, generator=gen, device=device, dtype=dtype) for _ in range(2))
     gate = torch.tensor([0.5], device=device, dtype=dtype)
-    triton_reason = nk.available_backends(OP, device)["triton"]
+    ours = {provider: kernel_reason(OP, device, provider) for provider in OUR_KERNELS}  # provider -> why not
     reference = _provider("reference")
     tolerance = dict(atol=3e-2, rtol=3e-2) if on_gpu else dict(atol=1e-4, rtol=1e-4)
     sdpa_rows = ("sdpa", *SDPA_KERNELS) if on_gpu else ("sdpa",)
-    forward = ("triton", "auto", *sdpa_rows, "flex", "flex+build", "reference")
-    backward = ("triton", "auto", *sdpa_rows[:3], "flex")
+    forward = (*OUR_KERNELS, "auto", *sdpa_rows, "flex", "flex+build", "reference")
+    backward = (*OUR_KERNELS, "auto", *sdpa_rows[:3], "flex")
     out: list[Case] = []
     layouts = list(_layouts(sq, tiles, device).items())
     if quick:
@@ -149,8 +149,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         expected = reference(q, k, v, s, e, gate)()  # float32 math: the check of every provider
         for provider in forward:
             row_target = "" if provider == "reference" else target
-            if provider == "triton" and triton_reason:
-                out.append(skipped(KERNEL, provider, shape, dt, triton_reason))
+            if ours.get(provider):
+                out.append(skipped(KERNEL, provider, shape, dt, ours[provider]))
                 continue
             fn = _provider(provider)(q, k, v, s, e, gate)
             check = close_to(fn, expected, **tolerance)
@@ -158,8 +158,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             if provider == "flex+build":
                 out.append(_case(KERNEL, "flex-build", shape, dt, _flex_build(s, e, sq, skv), row_target))
         for provider in backward:
-            if provider == "triton" and triton_reason:
-                out.append(skipped(KERNEL_BWD, provider, shape, dt, triton_reason))
+            if ours.get(provider):
+                out.append(skipped(KERNEL_BWD, provider, shape, dt, ours[provider]))
                 continue
             reason = _available(lambda p=provider, s=s, e=e: _backward(_provider(p), q, k, v, s, e, gate))
             if reason:  # e.g. flex on CPU: FlexAttention has no CPU backward
@@ -178,9 +178,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     shape = f"batch {batch} x 1 x {skv} {hq}/{hkv}h"
     flops = 4 * d * hq * batch * skv
     expected = reference(qd, kd, vd, sd, ed, gate)()
-    for provider in ("triton", "auto", *sdpa_rows, "flex", "reference"):
-        if provider == "triton" and triton_reason:
-            out.append(skipped(KERNEL_DECODE, provider, shape, dt, triton_reason))
+    for provider in (*OUR_KERNELS, "auto", *sdpa_rows, "flex", "reference"):
+        if ours.get(provider):
+            out.append(skipped(KERNEL_DECODE, provider, shape, dt, ours[provider]))
             continue
         fn = _provider(provider)(qd, kd, vd, sd, ed, gate)
         check = close_to(fn, expected, **tolerance)
@@ -200,11 +200,11 @@ def targets(rows: list[dict]) -> list[str]:
         return ["cross_attention targets: not evaluated (needs a CUDA run)"]
     lines = []
     fwd = sorted({sh for (kern, sh, _p) in ok if kern == KERNEL})
-    for shape in fwd:
-        mine = ok.get((KERNEL, shape, "triton"))
+    for shape, provider in ((sh, p) for sh in fwd for p in OUR_KERNELS):
+        mine = ok.get((KERNEL, shape, provider))
         if mine is None:
             continue
-        parts = [f"{mine:.0f} us"]
+        parts = [f"{provider} {mine:.0f} us"]
         if shape.startswith("nvlm-x 1 image"):
             parts.append(f"{'MET' if mine <= 200 else 'NOT MET'} (<= 200 us)")
         best = _best_sdpa(ok, KERNEL, shape)
@@ -218,12 +218,14 @@ def targets(rows: list[dict]) -> list[str]:
             parts.append(f"auto {ok[(KERNEL, shape, 'auto')]:.0f} us")
         lines.append(f"cross_attention {shape}: " + "; ".join(parts))
     for (kern, shape, provider), t in ok.items():
-        if kern == KERNEL_DECODE and provider == "triton":
+        if kern == KERNEL_DECODE and provider in OUR_KERNELS:
             best = _best_sdpa(ok, KERNEL_DECODE, shape)
             if best is not None:
                 r = best[1] / t
                 verdict = "MET" if r >= 1.5 else "NOT MET"
-                lines.append(f"cross_attention decode {shape}: {t:.0f} us, {r:.2f}x {best[0]} -> {verdict} (>= 1.5x)")
+                lines.append(
+                    f"cross_attention decode {shape} {provider}: {t:.0f} us, {r:.2f}x {best[0]} -> {verdict} (>= 1.5x)"
+                )
     return lines
 
 

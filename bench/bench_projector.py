@@ -6,7 +6,8 @@ output, CLS dropped, 0.5 pixel shuffle) at NVLM-72B's D/H projector (LayerNorm(1
 forward+backward (the projector is trained in every stage).
 
 Providers: ``triton`` (ours: the shuffle and LayerNorm in the first GEMM's loads, GELU in its
-epilogue, cuBLAS for the second GEMM and the backward GEMMs), ``unfused`` (the package's peer
+epilogue, cuBLAS for the second GEMM and the backward GEMMs), ``hopper`` (ours for sm_90: the
+LayerNorm pass, then a persistent TMA-fed GEMM1 with the GELU epilogue), ``unfused`` (the package's peer
 backend, what ``auto`` runs where nothing was measured: one memory-bound gather + LayerNorm pass,
 then cuBLAS GEMM1 + bias, GELU, cuBLAS GEMM2 + bias; the op's own backend through
 ``nk.use_backend("unfused")``, not a copy), ``reference`` (our op's plain-PyTorch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 import nvlm_kernels as nk
 
-from common import Case, close_to, run_module, skipped
+from common import OUR_KERNELS, Case, close_to, kernel_reason, run_module, skipped
 
 KERNEL = "projector.fwd"
 KERNEL_BWD = "projector.fwd+bwd"
@@ -130,7 +131,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     tile_counts = [1, 7, 28] if on_gpu else [1, 7]
     if quick:
         tile_counts = tile_counts[:1]
-    triton_reason = nk.available_backends("mlp_projector", device)["triton"]
+    ours = {provider: kernel_reason("mlp_projector", device, provider) for provider in OUR_KERNELS}
     gen = torch.Generator(device=device).manual_seed(0)
     out: list[Case] = []
     k = 4 * vit_c
@@ -155,6 +156,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             tolerance = dict(atol=5e-2, rtol=5e-2) if on_gpu else dict(atol=1e-3, rtol=1e-3)
             providers = {
                 "triton": _op_fn("triton"),
+                "hopper": _op_fn("hopper"),
                 "unfused": _op_fn("unfused"),
                 "eager": _eager_fn,
                 "eager+compile": _compiled_fn,
@@ -162,8 +164,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                 "hf-internvl": _hf_fn,
             }
             for provider, factory in providers.items():
-                if provider == "triton" and triton_reason:
-                    out += [skipped(k_, provider, shape, dt, triton_reason) for k_ in (KERNEL, KERNEL_BWD)]
+                if ours.get(provider):
+                    out += [skipped(k_, provider, shape, dt, ours[provider]) for k_ in (KERNEL, KERNEL_BWD)]
                     continue
                 if provider == "hf-internvl":
                     if variant != "InternVL":  # its module has biases and hidden = out: this shape only
@@ -200,14 +202,14 @@ def targets(rows: list[dict]) -> list[str]:
         return lines or ["projector targets: no unfused/eager pair measured"]
     lines = []
     for (kern, shape, provider), t in sorted(ok.items()):
-        if provider not in ("triton", "unfused") or not kern.startswith("projector"):
+        if provider not in (*OUR_KERNELS, "unfused") or not kern.startswith("projector"):
             continue
         parts = [f"{provider} {t:.0f} us"]
-        if provider == "triton" and kern == KERNEL and shape == "D/H 1792 tokens":
+        if provider in OUR_KERNELS and kern == KERNEL and shape == "D/H 1792 tokens":
             parts.append(f"{'MET' if t <= 2800 else 'NOT MET'} (<= 2800 us)")
-        if provider == "triton" and kern == KERNEL and shape == "X 1792 tokens":
+        if provider in OUR_KERNELS and kern == KERNEL and shape == "X 1792 tokens":
             parts.append(f"{'MET' if t <= 480 else 'NOT MET'} (<= 480 us)")
-        peers = ("eager", "eager+compile") + (("unfused",) if provider == "triton" else ())
+        peers = ("eager", "eager+compile") + (("unfused",) if provider in OUR_KERNELS else ())
         for peer in peers:
             if (kern, shape, peer) in ok:
                 r = ok[(kern, shape, peer)] / t

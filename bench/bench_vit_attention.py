@@ -1,6 +1,7 @@
 """ViT attention benchmark: InternViT's non-causal attention over tiles, [T, S, H, D] layout.
 
 Providers (forward and backward), all through the package's public op: ``triton`` (our kernels),
+``hopper`` (our sm_90 variants: TMA, FMA-folded scaling, mask-free loop, one-pass backward),
 ``sdpa`` (the op's ``sdpa`` peer backend, which ``auto`` runs wherever nothing was measured: every
 device here until a tuning run says otherwise), the SDPA sub-backends as rows of that same peer
 (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``: ``use_backend("sdpa")`` inside
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 import nvlm_kernels as nk
 
-from common import Case, close_to, run_module, skipped
+from common import OUR_KERNELS, Case, close_to, kernel_reason, run_module, skipped
 
 KERNEL = "vit_attention.fwd"
 KERNEL_BWD = "vit_attention.bwd"
@@ -44,9 +45,9 @@ CPU_SHAPES = [(1, 257, 4, 64, "small")]
 
 
 SDPA_KERNELS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
-BACKWARD_PROVIDERS = ("triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads")
+BACKWARD_PROVIDERS = (*OUR_KERNELS, "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads")
 TARGET_ROWS = {"6B": "b", "300M": "b′"}  # targets.md rows, by shape label
-TARGET_PROVIDERS = ("triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton-32heads")
+TARGET_PROVIDERS = BACKWARD_PROVIDERS
 
 
 def _sdpa_kernel(provider: str):
@@ -184,8 +185,8 @@ def _norm_cases(device: str, dtype: torch.dtype, dims: tuple, shape: str, flops:
     expected = _fused(qkv.float(), wq.float(), wk.float(), h, "reference")()
     tolerance = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)
     out = []
-    for provider in ("triton", "sdpa"):
-        reason = nk.available_backends("vit_qk_norm_attention", device)[provider]
+    for provider in (*OUR_KERNELS, "sdpa"):
+        reason = kernel_reason("vit_qk_norm_attention", device, provider)
         if reason:
             out.append(skipped(KERNEL_NORM, provider, shape, dt, reason))
             continue
@@ -209,6 +210,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
         tolerance = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)
         providers = {
             "triton": _ours("triton"),
+            "hopper": _ours("hopper"),
             "sdpa": _ours("sdpa"),
             **{name: _sdpa_kernel(name) for name in SDPA_KERNELS},
             "flex": _flex() if device == "cuda" else None,
@@ -220,8 +222,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             if fn is None:
                 out.append(skipped(KERNEL, name, shape, dt, "FlexAttention is benchmarked on CUDA only"))
                 continue
-            if name in ("triton", "sdpa") and nk.available_backends("vit_attention", device)[name]:
-                reason = nk.available_backends("vit_attention", device)[name]
+            if name in (*OUR_KERNELS, "sdpa") and kernel_reason("vit_attention", device, name):
+                reason = kernel_reason("vit_attention", device, name)
             elif name == "reference" and device == "cuda" and s > 2048:
                 reason = "the float32 reference at this size is not worth the time"
             else:
@@ -252,16 +254,19 @@ def targets(rows: list[dict]) -> list[str]:
     lines = []
     for label, floor_tflops, ratio in (("6B", 550.0, 1.6), ("300M", None, 1.3)):
         shape = next((r["shape"] for r in rows if r["kernel"] == KERNEL and r["shape"].startswith(label + " ")), None)
-        mine = ok.get((KERNEL, shape, "triton")) if shape else None
         sdpa = [v for (kern, sh, p), v in ok.items() if kern == KERNEL and sh == shape and p.startswith("sdpa")]
-        if mine is None or not sdpa or "CPU" in next(r["device"] for r in rows):
+        if not shape or not sdpa or "CPU" in next(r["device"] for r in rows):
             continue
         best = max(sdpa)
-        parts = [f"{mine:.0f} TFLOP/s, {mine / best:.2f}x the best SDPA ({best:.0f})"]
-        if floor_tflops:
-            parts.append(f"{'MET' if mine >= floor_tflops else 'NOT MET'} (>= {floor_tflops:.0f} TFLOP/s)")
-        parts.append(f"{'MET' if mine / best >= ratio else 'NOT MET'} (>= {ratio}x SDPA)")
-        lines.append(f"vit_attention {shape}: " + "; ".join(parts))
+        for provider in OUR_KERNELS:
+            mine = ok.get((KERNEL, shape, provider))
+            if mine is None:
+                continue
+            parts = [f"{mine:.0f} TFLOP/s, {mine / best:.2f}x the best SDPA ({best:.0f})"]
+            if floor_tflops:
+                parts.append(f"{'MET' if mine >= floor_tflops else 'NOT MET'} (>= {floor_tflops:.0f} TFLOP/s)")
+            parts.append(f"{'MET' if mine / best >= ratio else 'NOT MET'} (>= {ratio}x SDPA)")
+            lines.append(f"vit_attention {shape} {provider}: " + "; ".join(parts))
     return lines or ["vit_attention targets: not evaluated (needs a CUDA run with Triton and SDPA rows)"]
 
 

@@ -76,6 +76,17 @@ def close_to(fn: Callable[[], Any], expected: Any, *, atol: float, rtol: float) 
     return check
 
 
+# Our Triton kernel backends: the sm_80-style kernels and the sm_90 variants (unmeasured until a GPU run).
+OUR_KERNELS = ("triton", "hopper")
+
+
+def kernel_reason(op: str, device: str, backend: str) -> str | None:
+    """Why ``backend`` of ``op`` cannot run on ``device`` here (None when it can)."""
+    import nvlm_kernels as nk
+
+    return nk.available_backends(op, device).get(backend, f"{op} has no {backend!r} backend")
+
+
 def skipped(kernel: str, provider: str, shape: str, dtype: str, reason: str) -> Case:
     return Case(kernel, provider, shape, dtype, None, skip_reason=reason)
 
