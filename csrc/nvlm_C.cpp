@@ -13,9 +13,11 @@ TORCH_LIBRARY(nvlm_C, m) {
   m.def("pixel_shuffle_bwd(Tensor grad_out, int downscale, bool v2) -> Tensor");
   m.def("pixel_shuffle_copy_unit(Tensor x, int downscale, bool v2) -> int");
   // preprocessing (csrc/preprocess): uint8 images -> Pillow-exact bicubic resize -> normalized tiles
+  // [T, 3, S, S] (channels-last strides when asked). Host kernel only: num_threads (0 = torch's
+  // thread count) and isa (-1 = best the CPU supports, 0 = per-pixel scalar, 1 = baseline SIMD, 2 = AVX2).
   m.def(
       "resize_to_tiles(Tensor[] images, Tensor job_table, Tensor coefficients, Tensor table, int total_tiles, "
-      "int tile_size, ScalarType dtype) -> Tensor");
+      "int tile_size, ScalarType dtype, bool channels_last=False, int num_threads=0, int isa=-1) -> Tensor");
 }
 
 #if defined(NVLM_PYTHON_MODULE)

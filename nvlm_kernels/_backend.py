@@ -21,7 +21,8 @@ cannot run raises ``BackendUnavailableError`` naming the reason; only ``auto`` f
 fastest for this op, device kind, dtype, shape bucket and pass; with no measurement, the op's
 default peer for the device type, never an unmeasured kernel of ours. Ops without peers
 (pixel_shuffle, preprocess) keep the order cuda -> triton -> reference on CUDA tensors and the
-reference on CPU tensors. ``python -m nvlm_kernels.info`` shows what auto picks and why.
+reference on CPU tensors, preceded there by the C++ host kernel for preprocess (``host_kernel``).
+``python -m nvlm_kernels.info`` shows what auto picks and why.
 
 ``select`` reads only shapes, dtypes and devices (no device sync), caches its answer per shape
 bucket, and under ``torch.compile`` runs once at trace time (its result is a constant of the graph).
@@ -73,6 +74,7 @@ class OpBackends:
     peers: tuple[str, ...] = ()
     default_peer: dict[str, str] = field(default_factory=dict)
     has_hopper: bool = False  # sm_90 Triton variants (module <op>/hopper.py)
+    host_kernel: bool = False  # the extension's C++ host kernel is auto's first choice on CPU tensors
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -96,6 +98,7 @@ def register_op(
     peers: tuple[str, ...] = (),
     default_peer: dict[str, str] | None = None,
     has_hopper: bool = False,
+    host_kernel: bool = False,
 ) -> OpBackends:
     unknown = [p for p in peers if p not in PEER_BACKENDS]
     if unknown:
@@ -103,7 +106,7 @@ def register_op(
     default_peer = dict(default_peer or {})
     if any(p not in peers for p in default_peer.values()):
         raise ValueError(f"{name}: default peers {default_peer} must be among its peers {peers}")
-    entry = OpBackends(name, has_triton, cuda_op, tuple(peers), default_peer, has_hopper)
+    entry = OpBackends(name, has_triton, cuda_op, tuple(peers), default_peer, has_hopper, host_kernel)
     _REGISTRY[name] = entry
     _select_auto.cache_clear()
     return entry
@@ -280,10 +283,12 @@ def _default_order(op: str, device_type: str) -> tuple[str, ...]:
     """What auto tries where nothing was measured: for an op with peers, its default peer for the
     device type, then its other peers, then the reference (never an unmeasured kernel of ours);
     for an op without peers, our kernels in the order cuda -> triton -> reference on CUDA tensors,
-    the reference on CPU tensors."""
+    the reference on CPU tensors (after the C++ host kernel for an op that declares one)."""
     entry = _REGISTRY[op]
     if not entry.peers:
-        return ("cuda", "triton", "reference") if device_type == "cuda" else ("reference",)
+        if device_type == "cuda":
+            return ("cuda", "triton", "reference")
+        return ("cuda", "reference") if entry.host_kernel and device_type == "cpu" else ("reference",)
     default = entry.default_peer.get(device_type)
     peers = [p for p in entry.peers if device_type in _AUTO_DEVICES.get(p, (device_type,))]
     if default in peers:

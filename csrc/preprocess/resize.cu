@@ -15,7 +15,10 @@ namespace nvlm::preprocess {
 
 at::Tensor resize_to_tiles_cuda(const std::vector<at::Tensor>& images, const at::Tensor& job_table,
                                 const at::Tensor& coefficients, const at::Tensor& table, int64_t total_tiles,
-                                int64_t tile_size, at::ScalarType dtype) {
+                                int64_t tile_size, at::ScalarType dtype, bool channels_last, int64_t num_threads,
+                                int64_t isa) {
+  (void)num_threads;  // host-kernel options
+  (void)isa;
   NvtxRange range("nvlm.C.resize_to_tiles.fwd");
   TORCH_CHECK_VALUE(!images.empty() && images[0].is_cuda(), "nvlm_C: argument 'images' must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(images[0].device());
@@ -33,7 +36,9 @@ at::Tensor resize_to_tiles_cuda(const std::vector<at::Tensor>& images, const at:
   const auto* coeffs = reinterpret_cast<const int32_t*>(metadata.const_data_ptr<uint8_t>() + coefficient_at);
 
   at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_bytes, 1)}, images[0].options());
-  at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size}, table.options().dtype(dtype));
+  at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size}, table.options().dtype(dtype).memory_format(
+                                 channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const TileLayout layout = tile_layout(static_cast<int32_t>(tile_size), channels_last);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const unsigned job_count = static_cast<unsigned>(plan.jobs.size());
   TORCH_CHECK(job_count <= 65535, "nvlm_C.resize_to_tiles: at most 65535 jobs per call, got ", job_count);
@@ -46,7 +51,7 @@ at::Tensor resize_to_tiles_cuda(const std::vector<at::Tensor>& images, const at:
   NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cuda", [&] {
     resize_second_pass_kernel<scalar_t><<<grid, kResizeThreads, 0, stream>>>(
         jobs, coeffs, scratch.const_data_ptr<uint8_t>(), table.const_data_ptr<float>(),
-        static_cast<int32_t>(tile_size), static_cast<scalar_t*>(out.data_ptr()));
+        static_cast<int32_t>(tile_size), layout, static_cast<scalar_t*>(out.data_ptr()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -1,6 +1,7 @@
 // Resize-to-tiles CUDA kernels: one launch for every job's first pass, one for every job's second
 // pass with the normalization and the scatter into tiles. blockIdx.y is the job; a thread makes
-// one pixel (three channels); blocks past the end of a smaller job return at once.
+// one pixel (three channels); blocks past the end of a smaller job return at once. The output is
+// planar or channels-last (TileLayout), written in place either way.
 //
 // Consecutive threads make consecutive pixels of a row, so a vertical pass reads consecutive
 // bytes at each tap and the tile stores are coalesced within each channel plane; a horizontal
@@ -36,7 +37,7 @@ template <typename Out>
 __global__ void __launch_bounds__(kResizeThreads)
     resize_second_pass_kernel(const ResizeJob* __restrict__ jobs, const int32_t* __restrict__ coefficients,
                               const uint8_t* __restrict__ scratch, const float* __restrict__ table, int32_t tile_size,
-                              Out* __restrict__ out) {
+                              TileLayout layout, Out* __restrict__ out) {
   const ResizeJob job = jobs[blockIdx.y];
   const int64_t pixel = static_cast<int64_t>(blockIdx.x) * kResizeThreads + threadIdx.x;
   if (pixel >= static_cast<int64_t>(job.out_width) * job.out_height) return;
@@ -44,11 +45,10 @@ __global__ void __launch_bounds__(kResizeThreads)
   const int32_t x = static_cast<int32_t>(pixel - static_cast<int64_t>(y) * job.out_width);
   uint8_t rgb[3];
   resized_rgb(job, scratch, coefficients, x, y, rgb);
-  const int64_t offset = tile_offset(job, tile_size, x, y);
-  const int64_t plane = static_cast<int64_t>(tile_size) * tile_size;
+  const int64_t offset = tile_offset(job, tile_size, layout, x, y);
 #pragma unroll
   for (int c = 0; c < 3; ++c) {
-    out[offset + c * plane] = static_cast<Out>(table[c * 256 + rgb[c]]);
+    out[offset + c * layout.channel] = static_cast<Out>(table[c * 256 + rgb[c]]);
   }
 }
 

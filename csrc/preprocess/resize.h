@@ -29,7 +29,8 @@ ResizePlan plan_resize(const std::vector<at::Tensor>& images, const at::Tensor& 
 #if NVLM_WITH_CUDA
 at::Tensor resize_to_tiles_cuda(const std::vector<at::Tensor>& images, const at::Tensor& job_table,
                                 const at::Tensor& coefficients, const at::Tensor& table, int64_t total_tiles,
-                                int64_t tile_size, at::ScalarType dtype);
+                                int64_t tile_size, at::ScalarType dtype, bool channels_last, int64_t num_threads,
+                                int64_t isa);
 #endif
 
 }  // namespace nvlm::preprocess

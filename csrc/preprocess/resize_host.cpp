@@ -1,9 +1,20 @@
 // Resize to tiles: argument checks, job plan, and the C++ host kernel (CPU dispatch key).
 //
-// The host kernel runs the same per-pixel functions as the CUDA kernels (resize_index.h), so the
-// CPU tests compare the device arithmetic with Pillow byte for byte.
+// The host kernel is the CPU path of preprocess_images. Per call, two phases, each a list of work
+// units (a job's block of at most kRows output rows) that the threads of at::parallel_for take
+// from a shared counter, largest first: the first passes (into a uint8 intermediate per job, as
+// Pillow rounds between passes), then the second passes, whose rows are normalized through a
+// [3, 256] lookup table straight into the output tiles (planar or channels-last, any of the three
+// float dtypes: no float image in between, no extra pass). Units write disjoint bytes, so any
+// thread count gives the same output. The loops (resize_host_loops.h) are compiled for the
+// baseline ISA and for AVX2, chosen by the CPU's features; isa=0 runs the per-pixel functions the
+// CUDA kernels run (resize_index.h), which is how the tests compare all three with Pillow.
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,6 +24,12 @@
 #include "core/nvtx.h"
 #include "preprocess/dispatch.h"
 #include "preprocess/resize.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define NVLM_HOST_AVX2 1
+#else
+#define NVLM_HOST_AVX2 0
+#endif
 
 namespace nvlm::preprocess {
 namespace {
@@ -135,17 +152,217 @@ ResizePlan plan_resize(const std::vector<at::Tensor>& images, const at::Tensor& 
 
 namespace {
 
+constexpr int64_t kIsaAuto = -1, kIsaScalar = 0, kIsaBaseline = 1, kIsaAvx2 = 2;
+
+// A uint8 image the loops read: rows `stride` bytes apart, `step` bytes per pixel (3, or 4 with
+// the fourth ignored), channels 0-2 at bytes 0-2.
+struct HostImage {
+  const uint8_t* data;
+  int64_t stride;
+  int32_t step, width, height;
+};
+
+// A pass's coefficient block (resize_index.h) and its output size along its axis.
+struct HostPass {
+  int32_t axis, size, window;
+  const int32_t *start, *taps, *weights;
+};
+
+// Per-thread buffers: transposed columns of a horizontal block, a 4-byte-per-pixel row, and
+// kRows rows of the resized image (3 bytes per pixel) on their way to the tiles.
+struct HostScratch {
+  std::vector<uint8_t> column_buffer, wide_buffer, row_buffer;
+  uint8_t *columns, *wide, *rows;
+};
+
+namespace baseline {
+#include "preprocess/resize_host_loops.h"
+}  // namespace baseline
+
+#if NVLM_HOST_AVX2
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace avx2 {
+#include "preprocess/resize_host_loops.h"
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+using PassRowsFn = void (*)(const HostImage&, const HostPass*, uint8_t* const*, const int64_t*, int32_t, int32_t,
+                            int32_t, HostScratch&);
+
+bool cpu_has_avx2() {
+#if NVLM_HOST_AVX2
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
+PassRowsFn pass_rows_for(int64_t isa) {
+  if (isa == kIsaAuto) isa = cpu_has_avx2() ? kIsaAvx2 : kIsaBaseline;
+#if NVLM_HOST_AVX2
+  if (isa == kIsaAvx2) return &avx2::pass_rows;
+#endif
+  return &baseline::pass_rows;
+}
+
+HostPass host_pass(const AxisPass& pass, int32_t size, const int32_t* coefficients) {
+  const int32_t* block = coefficients + pass.offset;
+  return HostPass{pass.axis, size, pass.window, block, block + size, block + 2 * static_cast<int64_t>(size)};
+}
+
+// Passes over one source whose outputs have the same rows: the first passes of an image's jobs
+// (horizontal ones share the transposed rows), or one job's second pass (`job`: whose tiles).
+struct PassGroup {
+  HostImage src;
+  int32_t height = 0, job = -1;
+  std::vector<HostPass> passes;
+  std::vector<uint8_t*> outs;  // row 0 of each output (second passes: the thread's row buffer)
+  std::vector<int64_t> strides;
+  int64_t cost_per_row = 0;
+};
+
+// A unit of work: rows [y0, y1) of a group's outputs; `cost` orders the units.
+struct Unit {
+  int32_t group, y0, y1;
+  int64_t cost;
+};
+
+// Intermediate images, kept between calls: fresh pages for tens of MB per call (zeroed by the
+// kernel on first touch) cost as much as a pass. A call leases the largest free buffer.
+class ScratchPool {
+ public:
+  struct Lease {
+    ScratchPool* pool;
+    std::vector<uint8_t> buffer;
+    ~Lease() { pool->give_back(std::move(buffer)); }
+  };
+  Lease take(int64_t bytes) {
+    std::vector<uint8_t> buffer;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!free_.empty()) {
+        buffer = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
+    return Lease{this, std::move(buffer)};
+  }
+
+ private:
+  void give_back(std::vector<uint8_t>&& buffer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.size() < 4) free_.push_back(std::move(buffer));
+    std::sort(free_.begin(), free_.end(), [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  }
+  std::mutex mutex_;
+  std::vector<std::vector<uint8_t>> free_;
+};
+
+// Runs fn(unit, scratch) for every unit on up to `threads` threads of at::parallel_for, each
+// taking the next unit from a shared counter (units sorted by decreasing cost).
+template <typename Fn>
+void run_units(std::vector<Unit>& units, int64_t threads, int64_t column_bytes, int64_t row_bytes, const Fn& fn) {
+  std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(units.size());
+  const int64_t workers = std::max<int64_t>(1, std::min(threads, count));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    HostScratch scratch;
+    scratch.column_buffer.assign(std::max<int64_t>(column_bytes, 1), 0);
+    scratch.wide_buffer.assign(std::max<int64_t>(row_bytes / 3 * 4, 1), 0);
+    scratch.row_buffer.assign(std::max<int64_t>(row_bytes * baseline::kRows, 1), 0);
+    scratch.columns = scratch.column_buffer.data();
+    scratch.wide = scratch.wide_buffer.data();
+    scratch.rows = scratch.row_buffer.data();
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(units[i], scratch);
+  });
+}
+
+// Every group's rows in units of at most kRows rows.
+std::vector<Unit> units_of(const std::vector<PassGroup>& groups) {
+  std::vector<Unit> units;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (int32_t y = 0; y < groups[g].height; y += baseline::kRows) {
+      const int32_t y1 = std::min(groups[g].height, y + baseline::kRows);
+      units.push_back(Unit{static_cast<int32_t>(g), y, y1, groups[g].cost_per_row * (y1 - y)});
+    }
+  }
+  return units;
+}
+
+// Resized rows [y0, y1) of a job (3 bytes per pixel, row stride 3 · out_width) -> tiles.
 template <typename Out>
-void run_host(const ResizePlan& plan, const at::Tensor& coefficients, const at::Tensor& table, int64_t tile_size,
-              at::Tensor& out) {
-  at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_bytes, 1)}, at::kByte);
-  uint8_t* mid = scratch.data_ptr<uint8_t>();
+void emit_rows(const ResizeJob& job, const uint8_t* rows, int32_t y0, int32_t y1, const Out* lut, int32_t tile_size,
+               const TileLayout& layout, Out* out) {
+  const int32_t cols = job.out_width / tile_size;
+  for (int32_t y = y0; y < y1; ++y) {
+    const uint8_t* row = rows + static_cast<int64_t>(y - y0) * job.out_width * 3;
+    for (int32_t tx = 0; tx < cols; ++tx) {
+      const uint8_t* px = row + static_cast<int64_t>(tx) * tile_size * 3;
+      Out* dst = out + tile_offset(job, tile_size, layout, tx * tile_size, y);
+      if (layout.col == 1) {  // planar: one contiguous run per channel
+        for (int c = 0; c < 3; ++c) {
+          Out* d = dst + c * layout.channel;
+          const Out* table = lut + c * 256;
+          for (int32_t x = 0; x < tile_size; ++x) d[x] = table[px[x * 3 + c]];
+        }
+      } else {  // channels-last: one contiguous run of 3 · tile_size
+        for (int32_t x = 0; x < tile_size; ++x) {
+          for (int c = 0; c < 3; ++c) dst[x * 3 + c] = lut[c * 256 + px[x * 3 + c]];
+        }
+      }
+    }
+  }
+}
+
+// The images as the loops read them: RGB or RGBX/RGBA rows with bytes as channels as they are;
+// grayscale, channel-planar or otherwise strided images are packed to RGB once (shared by the
+// image's grid and thumbnail jobs).
+std::vector<at::Tensor> packed_images(const std::vector<at::Tensor>& images) {
+  std::vector<at::Tensor> packed;
+  packed.reserve(images.size());
+  for (const at::Tensor& image : images) {
+    const int64_t c = image.size(2);
+    const bool direct = image.stride(2) == 1 && (c == 3 || c == 4) && image.stride(1) == c && image.stride(0) >= c * image.size(1);
+    if (direct) {
+      packed.push_back(image);
+    } else {
+      packed.push_back(c == 1 ? image.expand({image.size(0), image.size(1), 3}).contiguous()
+                              : image.narrow(2, 0, 3).contiguous());
+    }
+  }
+  return packed;
+}
+
+HostImage host_image(const at::Tensor& image) {
+  return HostImage{image.const_data_ptr<uint8_t>(), image.stride(0), static_cast<int32_t>(image.stride(1)),
+                   static_cast<int32_t>(image.size(1)), static_cast<int32_t>(image.size(0))};
+}
+
+template <typename Out>
+void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, const std::vector<int64_t>& image_of_job,
+              const at::Tensor& coefficients, const Out* lut, int64_t tile_size, const TileLayout& layout, int64_t isa,
+              int64_t threads, at::Tensor& out) {
   const int32_t* coeffs = coefficients.const_data_ptr<int32_t>();
-  const float* lut = table.const_data_ptr<float>();
+  const int32_t size = static_cast<int32_t>(tile_size);
   Out* dst = static_cast<Out*>(out.data_ptr());
-  const int64_t plane = tile_size * tile_size;
-  for (const ResizeJob& job : plan.jobs) {
-    if (job.first.axis != kAxisNone) {
+  const int64_t count = static_cast<int64_t>(plan.jobs.size());
+  if (isa == kIsaScalar) {
+    at::Tensor scratch = at::empty({std::max<int64_t>(plan.scratch_bytes, 1)}, at::kByte);
+    uint8_t* mid = scratch.data_ptr<uint8_t>();  // the CUDA kernels' per-pixel functions, one row per task
+    for (const ResizeJob& job : plan.jobs) {
+      if (job.first.axis == kAxisNone) continue;
       at::parallel_for(0, job.mid_height, 1, [&](int64_t begin, int64_t end) {
         for (int32_t y = begin; y < end; ++y) {
           for (int32_t x = 0; x < job.mid_width; ++x) {
@@ -154,29 +371,108 @@ void run_host(const ResizePlan& plan, const at::Tensor& coefficients, const at::
         }
       });
     }
-  }
-  for (const ResizeJob& job : plan.jobs) {
-    at::parallel_for(0, job.out_height, 1, [&](int64_t begin, int64_t end) {
-      for (int32_t y = begin; y < end; ++y) {
-        for (int32_t x = 0; x < job.out_width; ++x) {
-          uint8_t rgb[3];
-          resized_rgb(job, mid, coeffs, x, y, rgb);
-          const int64_t offset = tile_offset(job, static_cast<int32_t>(tile_size), x, y);
-          for (int c = 0; c < 3; ++c) dst[offset + c * plane] = static_cast<Out>(lut[c * 256 + rgb[c]]);
+    for (const ResizeJob& job : plan.jobs) {
+      at::parallel_for(0, job.out_height, 1, [&](int64_t begin, int64_t end) {
+        for (int32_t y = begin; y < end; ++y) {
+          for (int32_t x = 0; x < job.out_width; ++x) {
+            uint8_t rgb[3];
+            resized_rgb(job, mid, coeffs, x, y, rgb);
+            const int64_t offset = tile_offset(job, size, layout, x, y);
+            for (int c = 0; c < 3; ++c) dst[offset + c * layout.channel] = lut[c * 256 + rgb[c]];
+          }
         }
-      }
-    });
+      });
+    }
+    return;
   }
+
+  const PassRowsFn pass_rows = pass_rows_for(isa);
+  static ScratchPool pool;
+  ScratchPool::Lease lease = pool.take(plan.scratch_bytes);
+  uint8_t* mid = lease.buffer.data();
+  std::vector<PassGroup> firsts, seconds;
+  std::vector<int64_t> first_group_of_image(images.size(), -1);
+  int64_t column_bytes = 0, row_bytes = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const ResizeJob& job = plan.jobs[j];
+    const HostImage image = host_image(images[image_of_job[j]]);
+    row_bytes = std::max<int64_t>(row_bytes, int64_t{image.width} * 3);
+    HostImage second_src = image;
+    if (job.first.axis != kAxisNone) {
+      const bool horizontal = job.first.axis == kAxisHorizontal;
+      const int64_t stride = int64_t{job.mid_width} * 3;
+      int64_t& shared = first_group_of_image[image_of_job[j]];
+      if (!horizontal || shared < 0) {
+        PassGroup group;
+        group.src = image;
+        group.height = job.mid_height;
+        if (horizontal) shared = static_cast<int64_t>(firsts.size());
+        firsts.push_back(std::move(group));
+      }
+      PassGroup& group = firsts[horizontal ? shared : static_cast<int64_t>(firsts.size()) - 1];
+      group.passes.push_back(host_pass(job.first, horizontal ? job.mid_width : job.mid_height, coeffs));
+      group.outs.push_back(mid + job.scratch_offset);
+      group.strides.push_back(stride);
+      group.cost_per_row += int64_t{job.first.window} * (horizontal ? job.mid_width : image.width);
+      if (horizontal) column_bytes = std::max<int64_t>(column_bytes, image.width * baseline::kColumnStride);
+      second_src = HostImage{mid + job.scratch_offset, stride, 3, job.mid_width, job.mid_height};
+    }
+    PassGroup group;
+    group.src = second_src;
+    group.height = job.out_height;
+    group.job = static_cast<int32_t>(j);
+    const int32_t out_size = job.second.axis == kAxisHorizontal ? job.out_width : job.out_height;
+    group.passes.push_back(job.second.axis == kAxisNone ? HostPass{kAxisNone, 0, 0, nullptr, nullptr, nullptr}
+                                                        : host_pass(job.second, out_size, coeffs));
+    group.outs.push_back(nullptr);
+    group.strides.push_back(int64_t{job.out_width} * 3);
+    group.cost_per_row = int64_t{job.out_width} * (job.second.window + 1);
+    if (job.second.axis == kAxisHorizontal) {
+      column_bytes = std::max<int64_t>(column_bytes, second_src.width * baseline::kColumnStride);
+    }
+    row_bytes = std::max<int64_t>(row_bytes, std::max<int64_t>(second_src.width, job.out_width) * 3);
+    seconds.push_back(std::move(group));
+  }
+  std::vector<Unit> units = units_of(firsts);
+  run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
+    const PassGroup& group = firsts[unit.group];
+    std::vector<uint8_t*> outs(group.outs);
+    for (size_t i = 0; i < outs.size(); ++i) outs[i] += unit.y0 * group.strides[i];
+    pass_rows(group.src, group.passes.data(), outs.data(), group.strides.data(),
+              static_cast<int32_t>(group.passes.size()), unit.y0, unit.y1, scratch);
+  });
+  units = units_of(seconds);
+  run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
+    const PassGroup& group = seconds[unit.group];
+    uint8_t* rows = scratch.rows;
+    pass_rows(group.src, group.passes.data(), &rows, group.strides.data(), 1, unit.y0, unit.y1, scratch);
+    emit_rows(plan.jobs[group.job], rows, unit.y0, unit.y1, lut, size, layout, dst);
+  });
 }
 
 at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::Tensor& job_table,
                                const at::Tensor& coefficients, const at::Tensor& table, int64_t total_tiles,
-                               int64_t tile_size, at::ScalarType dtype) {
+                               int64_t tile_size, at::ScalarType dtype, bool channels_last, int64_t num_threads,
+                               int64_t isa) {
   NvtxRange range("nvlm.C.resize_to_tiles.fwd");
+  NVLM_CHECK_ARG(isa >= kIsaAuto && isa <= kIsaAvx2, "isa", "must be -1 (auto), 0 (scalar), 1 (baseline) or 2 (avx2)");
+  NVLM_CHECK_ARG(isa != kIsaAvx2 || cpu_has_avx2(), "isa", "this CPU (or build) has no AVX2");
+  NVLM_CHECK_ARG(num_threads >= 0, "num_threads", "must be >= 0 (0: torch's thread count), got ", num_threads);
   const ResizePlan plan = plan_resize(images, job_table, coefficients, table, total_tiles, tile_size, dtype);
-  at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size}, table.options().dtype(dtype));
+  const std::vector<at::Tensor> packed = isa == kIsaScalar ? images : packed_images(images);
+  std::vector<int64_t> image_of_job;
+  const int64_t* rows = job_table.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < job_table.size(0); ++j) image_of_job.push_back(rows[j * kJobFields]);
+  const int64_t threads = num_threads == 0 ? at::get_num_threads() : std::min<int64_t>(num_threads, at::get_num_threads());
+  at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size},
+                             table.options().dtype(dtype).memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                      : at::MemoryFormat::Contiguous));
+  const TileLayout layout = tile_layout(static_cast<int32_t>(tile_size), channels_last);
+  const float* values = table.const_data_ptr<float>();
   NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cpu", [&] {
-    run_host<scalar_t>(plan, coefficients, table, tile_size, out);
+    std::vector<scalar_t> lut(3 * 256);
+    for (int i = 0; i < 3 * 256; ++i) lut[i] = static_cast<scalar_t>(values[i]);
+    run_host<scalar_t>(plan, packed, image_of_job, coefficients, lut.data(), tile_size, layout, isa, threads, out);
   });
   return out;
 }

@@ -106,11 +106,21 @@ NVLM_HOST_DEVICE void first_pass_rgb(const ResizeJob& job, const int32_t* coeffi
   resample_rgb(job.image, job.first.axis, coefficients + job.first.offset, out_size, job.first.window, x, y, rgb);
 }
 
-// Element offset in the output [tiles, 3, S, S] of channel 0 of resized pixel (x, y).
-NVLM_HOST_DEVICE int64_t tile_offset(const ResizeJob& job, int32_t tile_size, int32_t x, int32_t y) {
+// Element strides of the output [tiles, 3, S, S]: contiguous (planar) or channels-last.
+struct TileLayout {
+  int64_t tile, channel, row, col;
+};
+
+NVLM_HOST_DEVICE TileLayout tile_layout(int32_t tile_size, bool channels_last) {
+  const int64_t s = tile_size;
+  return channels_last ? TileLayout{3 * s * s, 1, 3 * s, 3} : TileLayout{3 * s * s, s * s, s, 1};
+}
+
+// Element offset in the output of channel 0 of resized pixel (x, y).
+NVLM_HOST_DEVICE int64_t tile_offset(const ResizeJob& job, int32_t tile_size, const TileLayout& layout, int32_t x,
+                                     int32_t y) {
   const int32_t tile = job.tile_base + (y / tile_size) * job.tile_cols + (x / tile_size);
-  const int64_t plane = static_cast<int64_t>(tile_size) * tile_size;
-  return static_cast<int64_t>(tile) * 3 * plane + static_cast<int64_t>(y % tile_size) * tile_size + (x % tile_size);
+  return tile * layout.tile + (y % tile_size) * layout.row + (x % tile_size) * layout.col;
 }
 
 }  // namespace nvlm::preprocess

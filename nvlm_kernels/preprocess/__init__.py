@@ -7,14 +7,16 @@
 ``preprocess_images`` returns ``pixel_values`` [T, 3, S, S] (tiles of each image row-major, its
 thumbnail last, images in order) and one ``TilePlan`` per image. Two backends:
 
-* ``reference`` — the CPU path: Pillow's resize, crop, normalize; equal to InternVL's
+* ``cuda`` — the compiled extension: on the GPU, Pillow's integer bicubic arithmetic on uint8
+  pixels already there, straight into normalized tiles of every image in two launches; on the CPU
+  the C++ host kernel (csrc/preprocess/resize_host.cpp: SIMD loops chosen by the CPU's features,
+  rows and images split across threads), bit for bit the same bytes as Pillow.
+* ``reference`` — Pillow's own resize, then crop and normalize; equal to InternVL's
   ``dynamic_preprocess`` + ``build_transform`` bit for bit; a thread pool across images.
-* ``cuda`` — the compiled kernels: Pillow's integer bicubic arithmetic on uint8 pixels already on
-  the GPU, straight into normalized tiles of every image in two launches (the same code runs on
-  CPU tensors as the C++ host kernel, which is how it is tested without a GPU).
 
-``device="cuda"`` picks ``cuda`` when the extension has CUDA kernels (else the CPU path followed by
-a copy, and ``python -m nvlm_kernels.info`` says why); ``use_backend`` chooses explicitly.
+``auto`` picks ``cuda`` on either device when the extension has the kernels for it (else the
+Pillow path, followed by a copy for a GPU; ``python -m nvlm_kernels.info`` says why);
+``use_backend`` chooses explicitly.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_backend.register_op(OP, has_triton=False, cuda_op="nvlm_C::resize_to_tiles")
+_backend.register_op(OP, has_triton=False, cuda_op="nvlm_C::resize_to_tiles", host_kernel=True)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -74,6 +76,7 @@ def preprocess_images(
     dtype: torch.dtype = torch.float32,
     num_threads: int | None = None,
     pillow_version: str | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[torch.Tensor, list[TilePlan]]:
     """Tiles of every image, normalized: ``(pixel_values [T, 3, S, S], plans)``.
 
@@ -85,9 +88,12 @@ def preprocess_images(
         min_tiles, max_tiles, tile_size, use_thumbnail: the tiling rule (``tile_plan``).
         mean, std: per-channel normalization (ImageNet's by default, as NVLM).
         dtype: float32, float16 or bfloat16 (computed in float32, rounded once).
-        num_threads: CPU path threads (default: all cores, when there is more than one image).
-        pillow_version: which Pillow's pass order the GPU path copies (default: the installed
-            Pillow's; pillow-resample.md §3).
+        num_threads: CPU path threads (default: torch's thread count, ``torch.get_num_threads()``;
+            the host kernel splits a single image's rows across them too).
+        pillow_version: which Pillow's pass order the compiled kernels copy (default: the
+            installed Pillow's; pillow-resample.md §3).
+        memory_format: ``torch.contiguous_format`` or ``torch.channels_last`` (the compiled
+            kernels write either layout directly).
 
     Raises:
         ImageError (a ValueError) naming ``images[i]`` for an image that cannot be used; the
@@ -99,6 +105,12 @@ def preprocess_images(
     if dtype not in OUTPUT_DTYPES:
         raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
     mean, std = _check_stats(mean, "mean"), _check_stats(std, "std")
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)):
+        raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -117,17 +129,19 @@ def preprocess_images(
     ]
     total = sum(plan.total for plan in plans)
     if total == 0:
-        return torch.empty((0, 3, tile_size, tile_size), dtype=dtype, device=device), plans
+        empty = torch.empty((0, 3, tile_size, tile_size), dtype=dtype, device=device)
+        return empty.contiguous(memory_format=memory_format), plans
     backend = _backend.resolve(OP, device)
     with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
         if backend == "cuda":
             from nvlm_kernels.preprocess import cuda as impl
 
             table = reference.normalization_table(mean, std)
-            out = impl.preprocess(loaded, plans, table, device, dtype, pillow_version)
+            channels_last = memory_format == torch.channels_last
+            out = impl.preprocess(loaded, plans, table, device, dtype, pillow_version, channels_last, num_threads or 0)
         else:
             out = torch.empty((total, 3, tile_size, tile_size), dtype=torch.float32)
-            threads = reference.default_threads() if num_threads is None else max(1, int(num_threads))
+            threads = reference.default_threads() if num_threads is None else num_threads
             reference.preprocess(loaded, plans, mean, std, out, threads)
-            out = out.to(device=device, dtype=dtype)
+            out = out.to(device=device, dtype=dtype, memory_format=memory_format)
     return out, plans

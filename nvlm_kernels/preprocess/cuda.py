@@ -10,6 +10,10 @@ device from pinned memory.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import warnings
+
 import numpy as np
 import torch
 
@@ -19,6 +23,8 @@ from nvlm_kernels.preprocess.plan import TilePlan
 from nvlm_kernels.preprocess.resample import axis_coefficients, vertical_first
 
 AXIS_NONE, AXIS_VERTICAL, AXIS_HORIZONTAL = -1, 0, 1
+ISA_ENV_VAR = "NVLM_KERNELS_PREPROCESS_ISA"
+HOST_ISAS = {"auto": -1, "scalar": 0, "baseline": 1, "avx2": 2}  # csrc/preprocess/resize_host.cpp
 JOB_FIELDS = 13  # csrc/preprocess/resize.h kJobFields
 
 
@@ -77,13 +83,78 @@ def job_rows(
     return row
 
 
+class _ArrowArray(ctypes.Structure):
+    """The Arrow C data interface's ArrowArray (a stable ABI)."""
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _pil_arrow_view(image) -> torch.Tensor | None:
+    """Pillow's own pixel memory as a uint8 [H, W, 4] RGBX view (no copy), through its Arrow export
+    (Pillow >= 11.2), when the image lies in one memory block; else None."""
+    try:
+        _, array_capsule = image.__arrow_c_array__()
+        array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
+        width, height = image.size
+        if array.n_children != 1 or array.offset != 0:
+            return None
+        child = array.children[0].contents
+        if child.n_buffers != 2 or child.offset != 0 or child.length != width * height * 4 or not child.buffers[1]:
+            return None
+        memory = (ctypes.c_uint8 * child.length).from_address(child.buffers[1])
+    except Exception:  # older Pillow, several blocks, another layout: take the copy
+        return None
+    memory._keep_alive = array_capsule  # the capsule releases Pillow's memory when collected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only to us: the kernels never write their inputs
+        return torch.frombuffer(memory, dtype=torch.uint8).view(height, width, 4)
+
+
+def pil_pixels(image) -> torch.Tensor:
+    """uint8 [H, W, 3 or 4] of a PIL RGB image: Pillow's RGBX memory itself where it can be
+    shared, else one copy."""
+    if image.mode == "RGB":
+        view = _pil_arrow_view(image)
+        if view is not None:
+            return view
+    array = to_rgb_array(image)  # np.asarray: Pillow's tobytes, read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only to us: the kernels never write their inputs
+        return torch.from_numpy(array)
+
+
 def _as_device_tensor(image, device: torch.device) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image if image.device == device else image.to(device, non_blocking=True)
-    pixels = torch.from_numpy(np.array(to_rgb_array(image)))  # PIL RGB -> [H, W, 3]
+    pixels = pil_pixels(image)
     if device.type == "cuda":
         pixels = pixels.pin_memory().to(device, non_blocking=True)
     return pixels
+
+
+def host_isa() -> int:
+    """The host kernel's instruction set: ``NVLM_KERNELS_PREPROCESS_ISA`` = auto (the best this CPU
+    has), scalar (the CUDA kernels' per-pixel functions), baseline (the loops built for the wheel's
+    baseline, SSE2 on x86-64) or avx2; for tests and benchmarks."""
+    name = os.environ.get(ISA_ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in HOST_ISAS:
+        raise ValueError(f"{ISA_ENV_VAR} must be one of {tuple(HOST_ISAS)}, got {name!r}")
+    return HOST_ISAS[name]
 
 
 def preprocess(
@@ -93,8 +164,11 @@ def preprocess(
     device: torch.device,
     dtype: torch.dtype,
     pillow_version: str | None,
+    channels_last: bool = False,
+    num_threads: int = 0,
 ) -> torch.Tensor:
     _extension.require()
+    isa = host_isa() if device.type == "cpu" else -1
     tensors = [_as_device_tensor(image, device) for image in images]
     coefficients = _CoefficientBuffer()
     rows: list[list[int]] = []
@@ -109,5 +183,14 @@ def preprocess(
             tile += 1
     job_table = torch.tensor(rows, dtype=torch.int64)
     return torch.ops.nvlm_C.resize_to_tiles(
-        tensors, job_table, coefficients.tensor(), table.to(device), tile, plans[0].tile_size, dtype
+        tensors,
+        job_table,
+        coefficients.tensor(),
+        table.to(device),
+        tile,
+        plans[0].tile_size,
+        dtype,
+        channels_last=channels_last,
+        num_threads=num_threads,
+        isa=isa,
     )

@@ -1,0 +1,129 @@
+// The host kernel's loops, compiled once per instruction set (no include guard, no includes).
+//
+// resize_host.cpp includes this file inside namespace `baseline` (the build's own flags: SSE2 on
+// x86-64) and, on x86-64 with GCC or Clang, again inside namespace `avx2` under a target pragma;
+// the CPU's features pick one at run time. Every header it uses is included before, outside the
+// target region, so no library code is compiled for a newer CPU than the wheel's baseline.
+//
+// The arithmetic is Pillow's (resize_index.h, pillow-resample.md): acc = 2^21 + Σ_t w_t · byte in
+// int32, then clip(acc >> 22). The loops are written for the compiler to vectorize: a fixed-size
+// array of int32 accumulators over contiguous bytes, one weight per tap broadcast over all of them.
+// - A vertical pass convolves rows: for every byte of the output row, the bytes below each other
+//   in the window's rows (the whole row is one long vector, channels included).
+// - A horizontal pass first transposes a block of kRows rows into columns (column x holds the
+//   kRows·3 bytes of pixel x of every row, contiguous), so that the pass over a row becomes the
+//   vertical pass's loop over columns with kRows·3 lanes: the window's columns are contiguous.
+// Integer sums are exact in any order, so every lane gives the bytes Pillow gives.
+
+constexpr int kRows = 16;                      // rows per horizontal block
+constexpr int kLanes = 3 * kRows;              // accumulators per output column of a block
+constexpr int64_t kColumnStride = kLanes + 4;  // bytes per transposed column (4-byte stores overrun by one)
+constexpr int kChunk = 64;                     // bytes per accumulator array of a vertical pass
+
+// out[k] = clip8(2^21 + Σ_t w[t] · src[t · stride + k]) for k < B.
+template <int B>
+inline void convolve(const uint8_t* src, int64_t stride, const int32_t* w, int32_t taps, uint8_t* out) {
+  int32_t acc[B];
+  for (int k = 0; k < B; ++k) acc[k] = 1 << (kPrecisionBits - 1);
+  for (int32_t t = 0; t < taps; ++t) {
+    const uint8_t* row = src + t * stride;
+    const int32_t wt = w[t];
+    for (int k = 0; k < B; ++k) acc[k] += wt * static_cast<int32_t>(row[k]);
+  }
+  for (int k = 0; k < B; ++k) {
+    const int32_t v = acc[k] >> kPrecisionBits;  // arithmetic shift: negative sums stay negative
+    out[k] = static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+  }
+}
+
+// One output row of a vertical pass: n bytes from the window's rows (row stride `stride`).
+inline void vertical_row(const uint8_t* src, int64_t stride, const int32_t* w, int32_t taps, int64_t n, uint8_t* out) {
+  int64_t k = 0;
+  for (; k + kChunk <= n; k += kChunk) convolve<kChunk>(src + k, stride, w, taps, out + k);
+  for (; k + 8 <= n; k += 8) convolve<8>(src + k, stride, w, taps, out + k);
+  for (; k < n; ++k) convolve<1>(src + k, stride, w, taps, out + k);
+}
+
+// columns[x · kColumnStride + r · 3 + c] = pixel x, channel c of row r, for x in [x0, x1), r < rows.
+inline void transpose_rows(const HostImage& src, int32_t y0, int32_t rows, int32_t x0, int32_t x1, uint8_t* columns) {
+  const int32_t step = src.step;
+  // 4-byte copies: the pixel's 3 bytes and one more, which lands in the next row's slot (written
+  // after) or in the column's padding. A packed RGB row's last pixel is copied bytewise, as its
+  // fourth byte may lie past the image.
+  const int32_t wide_end = std::min(x1, step == 4 ? src.width : src.width - 1);
+  for (int32_t r = 0; r < rows; ++r) {
+    const uint8_t* row = src.data + (y0 + r) * src.stride;
+    uint8_t* column = columns + r * 3;
+    int32_t x = x0;
+    for (; x < wide_end; ++x) {
+      uint32_t v;
+      std::memcpy(&v, row + x * step, 4);
+      std::memcpy(column + x * kColumnStride, &v, 4);
+    }
+    for (; x < x1; ++x) {
+      for (int c = 0; c < 3; ++c) column[x * kColumnStride + c] = row[x * step + c];
+    }
+  }
+}
+
+// A horizontal pass of `rows` rows (rows <= kRows) from their transposed columns: output row r at
+// out + r · out_stride, 3 bytes per pixel.
+inline void horizontal_rows(const uint8_t* columns, const HostPass& pass, int32_t rows, uint8_t* out,
+                            int64_t out_stride) {
+  uint8_t values[kLanes];
+  for (int32_t x = 0; x < pass.size; ++x) {
+    convolve<kLanes>(columns + pass.start[x] * kColumnStride, kColumnStride,
+                     pass.weights + static_cast<int64_t>(x) * pass.window, pass.taps[x], values);
+    for (int32_t r = 0; r < rows; ++r) {
+      uint8_t* o = out + r * out_stride + x * 3;
+      o[0] = values[r * 3];
+      o[1] = values[r * 3 + 1];
+      o[2] = values[r * 3 + 2];
+    }
+  }
+}
+
+// A vertical pass's output rows [y0, y1) of width `width`: row y at out + (y - y0) · out_stride,
+// 3 bytes per pixel. A source with 4 bytes per pixel is convolved whole into `wide`, then packed.
+inline void vertical_rows(const HostImage& src, const HostPass& pass, int32_t y0, int32_t y1, uint8_t* wide,
+                          uint8_t* out, int64_t out_stride) {
+  const int64_t n = static_cast<int64_t>(src.width) * src.step;
+  for (int32_t y = y0; y < y1; ++y) {
+    uint8_t* o = out + (y - y0) * out_stride;
+    const uint8_t* window = src.data + pass.start[y] * src.stride;
+    if (src.step == 3) {
+      vertical_row(window, src.stride, pass.weights + static_cast<int64_t>(y) * pass.window, pass.taps[y], n, o);
+    } else {
+      vertical_row(window, src.stride, pass.weights + static_cast<int64_t>(y) * pass.window, pass.taps[y], n, wide);
+      for (int32_t x = 0; x < src.width; ++x) {
+        for (int c = 0; c < 3; ++c) o[x * 3 + c] = wide[x * 4 + c];
+      }
+    }
+  }
+}
+
+// Rows [y0, y1) of the outputs of `count` passes over the same source (y1 - y0 <= kRows when
+// horizontal; output i's row y at outs[i] + (y - y0) · strides[i], 3 bytes per pixel). Horizontal
+// passes share one transposition of the rows (an image's grid and thumbnail read its rows once).
+inline void pass_rows(const HostImage& src, const HostPass* passes, uint8_t* const* outs, const int64_t* strides,
+                      int32_t count, int32_t y0, int32_t y1, HostScratch& scratch) {
+  bool transposed = false;
+  for (int32_t i = 0; i < count; ++i) {
+    const HostPass& pass = passes[i];
+    if (pass.axis == kAxisHorizontal) {
+      if (!transposed) transpose_rows(src, y0, y1 - y0, 0, src.width, scratch.columns);
+      transposed = true;
+      horizontal_rows(scratch.columns, pass, y1 - y0, outs[i], strides[i]);
+    } else if (pass.axis == kAxisVertical) {
+      vertical_rows(src, pass, y0, y1, scratch.wide, outs[i], strides[i]);
+    } else {  // same size: Pillow copies
+      for (int32_t y = y0; y < y1; ++y) {
+        const uint8_t* row = src.data + y * src.stride;
+        uint8_t* o = outs[i] + (y - y0) * strides[i];
+        for (int32_t x = 0; x < src.width; ++x) {
+          for (int c = 0; c < 3; ++c) o[x * 3 + c] = row[x * src.step + c];
+        }
+      }
+    }
+  }
+}
