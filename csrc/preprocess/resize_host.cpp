@@ -27,6 +27,7 @@
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define NVLM_HOST_AVX2 1
+#include <immintrin.h>
 #else
 #define NVLM_HOST_AVX2 0
 #endif
@@ -168,11 +169,12 @@ struct HostPass {
   const int32_t *start, *taps, *weights;
 };
 
-// Per-thread buffers: transposed columns of a horizontal block, a 4-byte-per-pixel row, and
-// kRows rows of the resized image (3 bytes per pixel) on their way to the tiles.
+// Per-thread buffers: transposed columns of a horizontal block and its results (also columns), a
+// 4-byte-per-pixel row, and kRows rows of the resized image (3 bytes per pixel) on their way to
+// the tiles.
 struct HostScratch {
-  std::vector<uint8_t> column_buffer, wide_buffer, row_buffer;
-  uint8_t *columns, *wide, *rows;
+  std::vector<uint8_t> column_buffer, packed_buffer, wide_buffer, row_buffer;
+  uint8_t *columns, *packed, *wide, *rows;
 };
 
 namespace baseline {
@@ -186,9 +188,11 @@ namespace baseline {
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #endif
+#define NVLM_HOST_LOOPS_AVX2 1
 namespace avx2 {
 #include "preprocess/resize_host_loops.h"
 }  // namespace avx2
+#undef NVLM_HOST_LOOPS_AVX2
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -280,6 +284,8 @@ void run_units(std::vector<Unit>& units, int64_t threads, int64_t column_bytes, 
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     HostScratch scratch;
     scratch.column_buffer.assign(std::max<int64_t>(column_bytes, 1), 0);
+    scratch.packed_buffer.assign(std::max<int64_t>(row_bytes / 3 * baseline::kLanes, 1), 0);
+    scratch.packed = scratch.packed_buffer.data();
     scratch.wide_buffer.assign(std::max<int64_t>(row_bytes / 3 * 4, 1), 0);
     scratch.row_buffer.assign(std::max<int64_t>(row_bytes * baseline::kRows, 1), 0);
     scratch.columns = scratch.column_buffer.data();
@@ -301,25 +307,25 @@ std::vector<Unit> units_of(const std::vector<PassGroup>& groups) {
   return units;
 }
 
-// Resized rows [y0, y1) of a job (3 bytes per pixel, row stride 3 · out_width) -> tiles.
+// Resized rows [y0, y1) of a job (row y at rows + (y - y0) · stride, `step` bytes per pixel) -> tiles.
 template <typename Out>
-void emit_rows(const ResizeJob& job, const uint8_t* rows, int32_t y0, int32_t y1, const Out* lut, int32_t tile_size,
-               const TileLayout& layout, Out* out) {
+void emit_rows(const ResizeJob& job, const uint8_t* rows, int64_t stride, int32_t step, int32_t y0, int32_t y1,
+               const Out* lut, int32_t tile_size, const TileLayout& layout, Out* out) {
   const int32_t cols = job.out_width / tile_size;
   for (int32_t y = y0; y < y1; ++y) {
-    const uint8_t* row = rows + static_cast<int64_t>(y - y0) * job.out_width * 3;
+    const uint8_t* row = rows + (y - y0) * stride;
     for (int32_t tx = 0; tx < cols; ++tx) {
-      const uint8_t* px = row + static_cast<int64_t>(tx) * tile_size * 3;
+      const uint8_t* px = row + static_cast<int64_t>(tx) * tile_size * step;
       Out* dst = out + tile_offset(job, tile_size, layout, tx * tile_size, y);
       if (layout.col == 1) {  // planar: one contiguous run per channel
         for (int c = 0; c < 3; ++c) {
           Out* d = dst + c * layout.channel;
           const Out* table = lut + c * 256;
-          for (int32_t x = 0; x < tile_size; ++x) d[x] = table[px[x * 3 + c]];
+          for (int32_t x = 0; x < tile_size; ++x) d[x] = table[px[x * step + c]];
         }
       } else {  // channels-last: one contiguous run of 3 · tile_size
         for (int32_t x = 0; x < tile_size; ++x) {
-          for (int c = 0; c < 3; ++c) dst[x * 3 + c] = lut[c * 256 + px[x * 3 + c]];
+          for (int c = 0; c < 3; ++c) dst[x * 3 + c] = lut[c * 256 + px[x * step + c]];
         }
       }
     }
@@ -444,9 +450,15 @@ void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, con
   units = units_of(seconds);
   run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
     const PassGroup& group = seconds[unit.group];
+    const ResizeJob& job = plan.jobs[group.job];
+    if (group.passes[0].axis == kAxisNone) {  // same size: the tiles straight from the source rows
+      emit_rows(job, group.src.data + unit.y0 * group.src.stride, group.src.stride, group.src.step, unit.y0, unit.y1,
+                lut, size, layout, dst);
+      return;
+    }
     uint8_t* rows = scratch.rows;
     pass_rows(group.src, group.passes.data(), &rows, group.strides.data(), 1, unit.y0, unit.y1, scratch);
-    emit_rows(plan.jobs[group.job], rows, unit.y0, unit.y1, lut, size, layout, dst);
+    emit_rows(job, rows, group.strides[0], 3, unit.y0, unit.y1, lut, size, layout, dst);
   });
 }
 

@@ -23,6 +23,29 @@ constexpr int kChunk = 64;                     // bytes per accumulator array of
 // out[k] = clip8(2^21 + Σ_t w[t] · src[t · stride + k]) for k < B.
 template <int B>
 inline void convolve(const uint8_t* src, int64_t stride, const int32_t* w, int32_t taps, uint8_t* out) {
+#if defined(NVLM_HOST_LOOPS_AVX2)
+  if constexpr (B % 8 == 0) {  // 8 lanes per register: vpmovzxbd straight from memory, vpmulld, vpaddd
+    constexpr int kRegs = B / 8;
+    __m256i acc[kRegs];
+    for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+    for (int32_t t = 0; t < taps; ++t) {
+      const uint8_t* row = src + t * stride;
+      const __m256i wt = _mm256_set1_epi32(w[t]);
+      for (int i = 0; i < kRegs; ++i) {
+        const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * i)));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_mullo_epi32(px, wt));
+      }
+    }
+    for (int i = 0; i < kRegs; ++i) {
+      // acc >> 22 lies in [-512, 511]; the two saturating packs clip it to [0, 255] as clip8 does
+      const __m256i v = _mm256_srai_epi32(acc[i], kPrecisionBits);
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(v, v), _mm256_setzero_si256());
+      const __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 8 * i), _mm_unpacklo_epi32(lo, hi));
+    }
+    return;
+  }
+#endif
   int32_t acc[B];
   for (int k = 0; k < B; ++k) acc[k] = 1 << (kPrecisionBits - 1);
   for (int32_t t = 0; t < taps; ++t) {
@@ -67,19 +90,24 @@ inline void transpose_rows(const HostImage& src, int32_t y0, int32_t rows, int32
 }
 
 // A horizontal pass of `rows` rows (rows <= kRows) from their transposed columns: output row r at
-// out + r · out_stride, 3 bytes per pixel.
-inline void horizontal_rows(const uint8_t* columns, const HostPass& pass, int32_t rows, uint8_t* out,
-                            int64_t out_stride) {
-  uint8_t values[kLanes];
+// out + r · out_stride, 3 bytes per pixel. The results come out as columns too (kLanes bytes per
+// output pixel, in `packed`), then go to the rows with the same 4-byte copies as the transposition.
+inline void horizontal_rows(const uint8_t* columns, const HostPass& pass, int32_t rows, uint8_t* packed,
+                            uint8_t* out, int64_t out_stride) {
   for (int32_t x = 0; x < pass.size; ++x) {
     convolve<kLanes>(columns + pass.start[x] * kColumnStride, kColumnStride,
-                     pass.weights + static_cast<int64_t>(x) * pass.window, pass.taps[x], values);
-    for (int32_t r = 0; r < rows; ++r) {
-      uint8_t* o = out + r * out_stride + x * 3;
-      o[0] = values[r * 3];
-      o[1] = values[r * 3 + 1];
-      o[2] = values[r * 3 + 2];
+                     pass.weights + static_cast<int64_t>(x) * pass.window, pass.taps[x], packed + x * kLanes);
+  }
+  for (int32_t r = 0; r < rows; ++r) {
+    uint8_t* o = out + r * out_stride;
+    const uint8_t* p = packed + r * 3;
+    int32_t x = 0;
+    for (; x + 1 < pass.size; ++x) {  // the fourth byte is the next pixel's first, written next
+      uint32_t v;
+      std::memcpy(&v, p + x * kLanes, 4);
+      std::memcpy(o + x * 3, &v, 4);
     }
+    for (int c = 0; c < 3; ++c) o[x * 3 + c] = p[x * kLanes + c];
   }
 }
 
@@ -113,7 +141,7 @@ inline void pass_rows(const HostImage& src, const HostPass* passes, uint8_t* con
     if (pass.axis == kAxisHorizontal) {
       if (!transposed) transpose_rows(src, y0, y1 - y0, 0, src.width, scratch.columns);
       transposed = true;
-      horizontal_rows(scratch.columns, pass, y1 - y0, outs[i], strides[i]);
+      horizontal_rows(scratch.columns, pass, y1 - y0, scratch.packed, outs[i], strides[i]);
     } else if (pass.axis == kAxisVertical) {
       vertical_rows(src, pass, y0, y1, scratch.wide, outs[i], strides[i]);
     } else {  // same size: Pillow copies

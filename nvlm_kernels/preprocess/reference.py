@@ -10,6 +10,7 @@ while it resizes, so a thread pool spreads the grids and thumbnails of a batch o
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 
 import numpy as np
@@ -24,9 +25,17 @@ except ImportError:
     Image = None
 
 
+@functools.lru_cache(maxsize=16)
 def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """float32 [3, 256]: the value ToTensor + Normalize give each byte of each channel (the table
-    the compiled kernels look values up in; the CPU path computes the same operations in place)."""
+    the compiled kernels look values up in; the CPU path computes the same operations in place).
+    Cached per (mean, std): callers must not write to it; never an inference tensor, whatever
+    mode the first caller was in."""
+    with torch.inference_mode(False):
+        return _table(mean, std)
+
+
+def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     levels = torch.arange(256, dtype=torch.float32).div(255)  # ToTensor: float32 then / 255
     mean_t = torch.as_tensor(mean, dtype=torch.float32)[:, None]
     std_t = torch.as_tensor(std, dtype=torch.float32)[:, None]
