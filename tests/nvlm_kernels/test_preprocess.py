@@ -188,12 +188,15 @@ def test_tile_tags_and_prompt():
     [((640, 480), False), ((1920, 1080), True), ((500, 500), True), ((700, 700), False), ((300, 4000), True)],
 )
 def test_cpu_path_equals_internvl_pipeline(size, smooth):
+    """Both CPU backends: auto (the C++ host kernel where the extension is built) and Pillow's."""
     image = random_image(*size, seed=size[0], smooth=smooth)
-    pixel_values, plans = nk.preprocess_images([image])
     expected = internvl_pipeline(image)
-    assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected.shape
-    assert torch.equal(pixel_values, expected)
-    assert plans[0].total == expected.shape[0]
+    for backend in ("auto", "reference"):
+        with nk.use_backend(backend):
+            pixel_values, plans = nk.preprocess_images([image])
+        assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected.shape
+        assert torch.equal(pixel_values, expected), backend
+        assert plans[0].total == expected.shape[0]
 
 
 def test_batch_order_threads_and_dtypes():
@@ -391,7 +394,8 @@ def test_kernel_equals_pillow_path(device):
     """Every job in one call: grids, thumbnails, one-pass and no-pass resizes, vertical-first."""
     require_backend(OP, "cuda", device)
     images = [random_image(w, h, seed=w * 7 + h, smooth=(w + h) % 2 == 0) for w, h in KERNEL_IMAGES]
-    expected, plans = nk.preprocess_images(images)
+    with nk.use_backend("reference"):
+        expected, plans = nk.preprocess_images(images)
     with nk.use_backend("cuda"):
         got, got_plans = nk.preprocess_images(images, device=device)
     assert got.device.type == device and got_plans == plans
@@ -488,7 +492,8 @@ def test_kernel_on_every_size_pair_small():
     require_backend(OP, "cuda", "cpu")
     rng = random.Random(0)
     images = [random_image(rng.randint(1, 120), rng.randint(1, 120), seed=k, smooth=k % 2 == 0) for k in range(40)]
-    expected, _ = nk.preprocess_images(images, tile_size=16)
+    with nk.use_backend("reference"):
+        expected, _ = nk.preprocess_images(images, tile_size=16)
     with nk.use_backend("cuda"):
         got, _ = nk.preprocess_images(images, tile_size=16)
     assert torch.equal(got, expected)
@@ -504,3 +509,131 @@ def test_cpu_path_threads_under_inference_mode():
     with torch.inference_mode():
         got, _ = nk.preprocess_images(images, tile_size=56, num_threads=2)
     assert got.is_inference() and torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# the host kernel: every instruction set, thread count, layout and dtype against Pillow
+
+HOST_ISAS = ["scalar", "baseline", "avx2"]
+
+# (width, height): a row, a column, single pixels, sizes that need no resize (one or both axes),
+# upscales, downscales by large factors, and tall images whose pass order depends on Pillow's version
+HOST_IMAGES = [
+    (1, 37), (37, 1), (1, 1), (2, 3), (28, 28), (56, 28), (28, 90), (90, 28), (33, 17), (101, 64),
+    (5, 900), (900, 5), (7, 800), (300, 41), (64, 300), (13, 1400),
+]  # fmt: skip
+
+
+@pytest.fixture(params=HOST_ISAS)
+def host_isa(request, monkeypatch):
+    """NVLM_KERNELS_PREPROCESS_ISA for the host kernel; skipped where the CPU lacks the set."""
+    require_backend(OP, "cuda", "cpu")
+    monkeypatch.setenv("NVLM_KERNELS_PREPROCESS_ISA", request.param)
+    try:
+        nk.preprocess_images([np.zeros((4, 4, 3), np.uint8)], tile_size=4)
+    except ValueError as exc:
+        pytest.skip(f"host kernel ISA {request.param} unavailable here: {exc}")
+    return request.param
+
+
+def _reference(images, **kwargs) -> torch.Tensor:
+    with nk.use_backend("reference"):
+        return nk.preprocess_images(images, **kwargs)[0]
+
+
+def test_host_kernel_equals_pillow(host_isa):
+    """Each ISA's loops, on one and several threads, against Pillow: many shapes, both layouts."""
+    images = [random_image(w, h, seed=w * 31 + h, smooth=(w * h) % 3 == 0) for w, h in HOST_IMAGES]
+    assert resample.vertical_first((5, 900), nk.tile_plan(5, 900, tile_size=28).resized_size, "12.3")
+    expected = _reference(images, tile_size=28)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # at::parallel_for may use 3 threads even on 2 cores
+        outputs = []
+        for threads in (1, 2, 3):
+            out, _ = nk.preprocess_images(images, tile_size=28, num_threads=threads)
+            assert torch.equal(out, expected), f"{host_isa}, {threads} threads"
+            outputs.append(out)
+        one_image = [random_image(300, 700, seed=5, smooth=True)]  # its rows split across threads
+        single = [nk.preprocess_images(one_image, tile_size=28, num_threads=t)[0] for t in (1, 2, 3)]
+        assert all(torch.equal(x, _reference(one_image, tile_size=28)) for x in single)
+    finally:
+        torch.set_num_threads(before)
+    channels_last, _ = nk.preprocess_images(images, tile_size=28, memory_format=torch.channels_last)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    assert torch.equal(channels_last, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_host_kernel_dtypes_layouts_and_inputs(host_isa, dtype, memory_format):
+    """Every output dtype and layout, written by the kernel itself, from every input layout."""
+    image = random_image(61, 45, seed=21, smooth=True)
+    rgb = torch.from_numpy(np.array(image))
+    gray = Image.fromarray(rgb[..., 0].numpy(), "L")
+    inputs = [
+        rgb,
+        rgb.permute(2, 0, 1).contiguous(),  # CHW: packed once by the kernel
+        rgb[..., :1].contiguous(),  # one channel: replicated like L -> RGB
+        torch.cat([rgb, rgb[..., :1]], -1),  # RGBA: 4 bytes per pixel, read in place
+        torch.from_numpy(np.pad(np.array(image), ((0, 0), (0, 9), (0, 0))))[:, :61],  # padded rows
+        image,
+    ]
+    expected = torch.cat([_reference([x], tile_size=28) for x in (image, image, gray, image, image, image)])
+    out, _ = nk.preprocess_images(inputs, tile_size=28, dtype=dtype, memory_format=memory_format)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=memory_format)
+    assert torch.equal(out, expected.to(dtype))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_host_kernel_modes(host_isa, mode):
+    image = random_image(50, 70, seed=3, smooth=True)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    out, _ = nk.preprocess_images([image], tile_size=28)
+    assert torch.equal(out, internvl_pipeline(image, size=28))
+
+
+def test_pil_pixels_are_shared_when_pillow_allows(monkeypatch):
+    """One-block PIL images are read in place through Pillow's Arrow export (RGBX, no copy);
+    images in several blocks, or Pillows without the export, take one copy. Same bytes either way."""
+    from nvlm_kernels.preprocess import cuda as host
+
+    require_backend(OP, "cuda", "cpu")
+    image = random_image(97, 45, seed=4, smooth=True)
+    view = host.pil_pixels(image)
+    expected = np.asarray(image)
+    if view.shape[-1] == 4:  # shared: Pillow's own memory
+        assert np.array_equal(view[..., :3].numpy(), expected)
+    block_size = Image.core.get_block_size()
+    try:
+        Image.core.set_block_size(4096)  # a 97x45 RGBX image now spans several blocks
+        split = random_image(97, 45, seed=4, smooth=True)
+        assert np.array_equal(host.pil_pixels(split)[..., :3].numpy(), expected)
+        out, _ = nk.preprocess_images([split, image], tile_size=28)
+    finally:
+        Image.core.set_block_size(block_size)
+    assert torch.equal(out, torch.cat([internvl_pipeline(image, size=28)] * 2))
+    monkeypatch.setattr(type(image), "__arrow_c_array__", None, raising=False)  # an older Pillow
+    assert host.pil_pixels(image).shape[-1] == 3
+
+
+def test_host_kernel_bad_options(monkeypatch):
+    require_backend(OP, "cuda", "cpu")
+    image = [random_image(30, 30, seed=1)]
+    monkeypatch.setenv("NVLM_KERNELS_PREPROCESS_ISA", "avx9000")
+    with pytest.raises(ValueError, match="NVLM_KERNELS_PREPROCESS_ISA"):
+        nk.preprocess_images(image, tile_size=28)
+    monkeypatch.delenv("NVLM_KERNELS_PREPROCESS_ISA")
+    with pytest.raises(ValueError, match="num_threads"):
+        nk.preprocess_images(image, tile_size=28, num_threads=0)
+    with pytest.raises(TypeError, match="num_threads"):
+        nk.preprocess_images(image, tile_size=28, num_threads=1.5)
+    with pytest.raises(ValueError, match="memory_format"):
+        nk.preprocess_images(image, tile_size=28, memory_format=torch.preserve_format)
+    with pytest.raises(ValueError, match="isa"):
+        _job_call("cpu", isa=7)
+    with pytest.raises(ValueError, match="num_threads"):
+        _job_call("cpu", num_threads=-1)
