@@ -20,6 +20,13 @@ default peer: ``flex`` on CUDA, ``sdpa`` on CPU):
 * ``triton`` — our kernels (fp16, bf16; D in 64, 80, 96, 128), FlashAttention-2 style with
   block skipping; one query token per batch row (Sq = 1, decoding) takes a split-K kernel that reads
   each key block once for all query heads of a group.
+* ``hopper`` — our sm_90 variants of those kernels (same dtypes and head dims; ``hopper.py``):
+  K/V (and the backward's q/dO) by TMA tensor descriptors where the strides allow (pointer loads
+  otherwise), a mask-free steady-state key loop plus the masked rest, FMA-folded scaling, BLOCK_M =
+  128 over two warpgroups, a one-pass backward with dQ by float32 atomics (deterministic mode:
+  ``NVLM_KERNELS_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms``), TMA-fed split-K decode.
+  CUDA tensors of a compute capability 9.x GPU, or CPU tensors through the interpreter. Unmeasured:
+  ``auto`` never picks it until a GPU run's dispatch table does.
 * ``reference`` — plain PyTorch through a dense mask, any float dtype: the oracle.
 
 Ranges outside [0, Skv] are clamped by every backend, so they can never read outside the keys.
@@ -57,8 +64,14 @@ PEERS = {"flex": _flex, "sdpa": _sdpa}  # imported here: torch.compile traces th
 FLEX_CPU_GRAD_REASON = "FlexAttention has no backward on CPU tensors in this torch (its CPU forward runs)"
 
 _backend.register_op(
-    OP, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer={"cpu": "sdpa", "cuda": "flex"}
+    OP,
+    has_triton=True,
+    has_hopper=True,
+    cuda_op=None,
+    peers=tuple(PEERS),
+    default_peer={"cpu": "sdpa", "cuda": "flex"},
 )
+KERNELS = ("triton", "hopper")  # our kernel backends: same launcher interface, gate passed as tanh(gate)
 
 __all__ = ["POLICIES", "cross_attention_ranges", "gated_cross_attention", "ranges_from_mask"]
 
@@ -164,8 +177,8 @@ def _unsupported(q: torch.Tensor, grad: bool) -> tuple[tuple[str, str], ...]:
     """(backend, reason) pairs for the backends that cannot run this call."""
     reasons = []
     kernel = _kernel_reason(q)
-    if kernel is not None:
-        reasons.append(("triton", kernel))
+    if kernel is not None:  # hopper: the same kernels' limits; no TMA requirement (pointer loads otherwise)
+        reasons += [("triton", kernel), ("hopper", kernel)]
     if grad and q.device.type == "cpu":
         reasons.append(("flex", FLEX_CPU_GRAD_REASON))
     return tuple(reasons)
@@ -189,9 +202,9 @@ def _op_backend(backend: str, q: torch.Tensor, k: torch.Tensor, grad: bool) -> s
 
 
 def _forward(backend: str, q, k, v, kv_start, kv_end, gate, scale, save_ungated: bool):
-    """(out, lse, ungated or an empty placeholder) from the triton or reference backend."""
+    """(out, lse, ungated or an empty placeholder) from a kernel backend or the reference."""
     impl = _backend.implementation(__name__, backend)
-    if backend != "triton":
+    if backend not in KERNELS:
         with _nvtx.range(f"nvlm.kernels.{OP}.fwd"):
             return impl.attention_fwd(q, k, v, kv_start, kv_end, None if gate is None else gate.reshape(()), scale,
                                       save_ungated)  # fmt: skip
@@ -282,7 +295,7 @@ def gated_cross_attention_bwd_op(
             return _peer_backward(backend, grad_out, q, k, v, kv_start, kv_end, gate, scale)
     impl = _backend.implementation(__name__, backend)
     with _nvtx.range(f"nvlm.kernels.{OP}.bwd"):
-        if backend != "triton":
+        if backend not in KERNELS:
             dq, dk, dv, dgate = impl.attention_bwd(grad_out, q, k, v, kv_start, kv_end, gate, out, lse, ungated, scale)
             return dq, dk, dv, dgate.reshape(gate.shape) if gate is not None else dgate
         gate_tanh = None if gate is None else torch.tanh(gate.detach().reshape(1).float())
