@@ -282,15 +282,17 @@ void run_units(std::vector<Unit>& units, int64_t threads, int64_t column_bytes, 
   const int64_t count = static_cast<int64_t>(units.size());
   const int64_t workers = std::max<int64_t>(1, std::min(threads, count));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    HostScratch scratch;
-    scratch.column_buffer.assign(std::max<int64_t>(column_bytes, 1), 0);
-    scratch.packed_buffer.assign(std::max<int64_t>(row_bytes / 3 * baseline::kLanes, 1), 0);
-    scratch.packed = scratch.packed_buffer.data();
-    scratch.wide_buffer.assign(std::max<int64_t>(row_bytes / 3 * 4, 1), 0);
-    scratch.row_buffer.assign(std::max<int64_t>(row_bytes * baseline::kRows, 1), 0);
-    scratch.columns = scratch.column_buffer.data();
-    scratch.wide = scratch.wide_buffer.data();
-    scratch.rows = scratch.row_buffer.data();
+    // kept by each pool thread between calls: no fresh pages per call (the buffers' stale bytes
+    // only ever feed lanes whose results are dropped)
+    thread_local HostScratch scratch;
+    const auto grow = [](std::vector<uint8_t>& buffer, int64_t bytes) {
+      if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
+      return buffer.data();
+    };
+    scratch.columns = grow(scratch.column_buffer, std::max<int64_t>(column_bytes, 1));
+    scratch.packed = grow(scratch.packed_buffer, std::max<int64_t>(row_bytes / 3 * baseline::kLanes, 1));
+    scratch.wide = grow(scratch.wide_buffer, std::max<int64_t>(row_bytes / 3 * 4, 1));
+    scratch.rows = grow(scratch.row_buffer, std::max<int64_t>(row_bytes * baseline::kRows, 1));
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(units[i], scratch);
   });
 }
