@@ -173,6 +173,25 @@ def test_out_of_range_values_are_clamped(device):
     assert torch.equal(out[:, 3:5], torch.zeros_like(out[:, 3:5]))
 
 
+def test_strided_ranges(device):
+    """Ranges read through their strides (every other column of a wider tensor; a transposed
+    copy's view): the same output and gradients, bitwise, as contiguous ranges."""
+    require_backend(OP, BACKEND, device)
+    q, k, v = _make(device, 2, 24, 100, 2, 1, 64, seed=4, layout="contiguous")
+    start, end = (x.to(device) for x in random_ranges(2, 24, 100, seed=4))
+    wide = torch.zeros(2, 48, dtype=torch.int32, device=device)
+    wide[:, ::2] = start
+    views = (wide[:, ::2], end.t().contiguous().t())
+    assert views[0].stride() == (48, 2) and views[1].stride() == (1, 2)
+    results = []
+    for ranges in ((start, end), views):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with nk.use_backend(BACKEND):
+            out = nk.gated_cross_attention(*leaves, *ranges)
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 # --------------------------------------------------------------------------------------------------
 # decode
 
