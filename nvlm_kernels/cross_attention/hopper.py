@@ -137,7 +137,9 @@ def _table_key(table: dict, args: dict) -> tuple:
     return _head_dim_bucket(args.get("HEAD_DIM", 128)), None if kind is None else bool(kind)
 
 
-def _autotune(table: dict):
+def _autotune(table: dict, reset_to_zero: list[str] | None = None):
+    """The autotuner over ``table``'s configurations; ``reset_to_zero``: accumulators zeroed before
+    every benchmarked run and before the real one (atomics would add the benchmark runs' shares)."""
     if _INTERPRET:
         configs = [_as_config(INTERPRETER_CONFIG)]
     else:
@@ -157,6 +159,7 @@ def _autotune(table: dict):
         configs=configs,
         key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "GROUP", "USE_TMA"],
         prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
     )
 
 
@@ -321,7 +324,7 @@ def _xattn_hopper_fwd_kernel(
     tl.store(Lse + (b * Hq + h) * Sq + rows, lse, mask=m_mask)
 
 
-@_autotune(BWD_TABLE)
+@_autotune(BWD_TABLE, reset_to_zero=["DQacc"])
 @triton.jit
 def _xattn_hopper_bwd_kernel(
     Q, K, V, DO, Q_desc, DO_desc, Start, End, Lse, Delta, GateTanh, DK, DV, DQacc,
@@ -604,7 +607,7 @@ def attention_bwd(grad_out, q, k, v, kv_start, kv_end, gate_tanh, out, lse, unga
         deterministic = deterministic_requested(deterministic)
         if deterministic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            dq_acc = rowsum  # unused
+            dq_acc = torch.empty((1,), dtype=torch.float32, device=q.device)  # unused (the autotuner zeroes it)
         else:
             dq_acc = torch.zeros((B, Sq, Hq, D), dtype=torch.float32, device=q.device)
         gate_arg = gate_tanh if has_gate else rowsum
