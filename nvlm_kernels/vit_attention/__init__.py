@@ -21,6 +21,12 @@ Backends (``nk.available_backends(op, device)``; ``use_backend(name)`` selects o
   float dtype and head dim. The public functions run it as plain differentiable PyTorch.
 * ``triton`` (``triton.py``; fp16, bf16; D in 64, 80, 96, 128): FlashAttention-2 style kernels; the
   QK-norm form normalizes q and k as the attention kernels load them (no normalized copy).
+* ``hopper`` (``hopper.py``; fp16, bf16; D in 64, 80, 96, 128): the same kernels' sm_90 variants
+  (TMA tensor descriptors, BLOCK_M = 128 over two warpgroups, the scale folded into the exp2 FMA,
+  mask-free key loops with a peeled tail) and a single-pass backward (dQ by float32 atomics;
+  deterministic with ``NVLM_KERNELS_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms``);
+  CUDA tensors of a compute capability 9.x GPU, or CPU tensors through the interpreter.
+  Unmeasured: ``auto`` never picks it until a GPU run's dispatch table does.
 * ``reference`` (``reference.py``; any float dtype and D): plain PyTorch in float32, the oracle.
 
 ``auto`` takes what the dispatch table measured fastest for (op, device kind, dtype, bucket
@@ -57,8 +63,9 @@ KERNEL_HEAD_DIMS = (64, 80, 96, 128)
 PEERS = {"sdpa": _sdpa}
 DEFAULT_PEER = {"cpu": "sdpa", "cuda": "sdpa"}
 
-_backend.register_op(OP, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer=DEFAULT_PEER)
-_backend.register_op(OP_FUSED, has_triton=True, cuda_op=None, peers=tuple(PEERS), default_peer=DEFAULT_PEER)
+for _op in (OP, OP_FUSED):
+    _backend.register_op(_op, has_triton=True, has_hopper=True, cuda_op=None, peers=tuple(PEERS),
+                         default_peer=DEFAULT_PEER)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +193,7 @@ def _check_split(
 def _unsupported(x: torch.Tensor, head_dim: int) -> tuple[tuple[str, str], ...]:
     """(backend, reason) pairs for the backends that cannot take this call (``_backend.select``)."""
     reason = _kernel_reason(x, head_dim)
-    return (("triton", reason),) if reason else ()
+    return (("triton", reason), ("hopper", reason)) if reason else ()
 
 
 def _bucket(tiles: int, tokens: int, heads: int, head_dim: int) -> str:
@@ -205,7 +212,7 @@ def _op_backend(op: str, backend: str, x: torch.Tensor, dims: tuple[int, int, in
 
 
 def _impl(backend: str):
-    """The module of ``backend`` (reference.py, triton.py, sdpa.py): the same interface in each."""
+    """The module of ``backend`` (reference.py, triton.py, hopper.py, sdpa.py): the same interface in each."""
     return PEERS[backend] if backend in PEERS else _backend.implementation(__name__, backend)
 
 
