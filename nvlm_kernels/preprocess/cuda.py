@@ -3,9 +3,11 @@
 The host plans the work — per image a job for its tile grid and one for its thumbnail, each with
 its passes in the installed Pillow's order and the passes' coefficient tables (``resample.py``) —
 and the extension runs every job of the batch in two launches (first passes; second passes with
-normalization and the scatter into tiles). On CPU tensors the same arithmetic runs as the C++ host
-kernel. Images that are not tensors already (PIL, numpy) are converted once and copied to the
-device from pinned memory.
+normalization and the scatter into tiles). On CPU tensors the C++ host kernel runs the same
+arithmetic with SIMD loops and threads (the CPU path of ``preprocess_images``). Pixels are shared,
+not copied, wherever their owner allows: tensors and numpy arrays as they are, PIL images through
+Pillow's Arrow export when they lie in one memory block; for the GPU, host pixels are copied once
+from pinned memory.
 """
 
 from __future__ import annotations

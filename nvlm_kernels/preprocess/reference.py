@@ -1,4 +1,6 @@
-"""The CPU path: Pillow's own resize, then crop and normalize, equal to the reference bit for bit.
+"""The Pillow path (the ``reference`` backend): Pillow's own resize, then crop and normalize, equal
+to the reference bit for bit. The CPU path where the compiled extension is missing (it runs the C++
+host kernel otherwise: csrc/preprocess/resize_host.cpp), and the tests' second oracle.
 
 Per image: ``resize((tile·cols, tile·rows))`` with Pillow's default filter (bicubic for RGB), the
 regular tiles cut row-major, and the thumbnail as ``resize((tile, tile))`` of the original. The
