@@ -242,7 +242,8 @@ struct Unit {
 };
 
 // Intermediate images, kept between calls: fresh pages for tens of MB per call (zeroed by the
-// kernel on first touch) cost as much as a pass. A call leases the largest free buffer.
+// kernel on first touch) cost as much as a pass. A call leases the largest free buffer; at most
+// four buffers of at most kKeepBytes stay.
 class ScratchPool {
  public:
   struct Lease {
@@ -265,10 +266,12 @@ class ScratchPool {
 
  private:
   void give_back(std::vector<uint8_t>&& buffer) {
+    if (buffer.size() > kKeepBytes) return;  // a huge batch's intermediates are not kept
     std::lock_guard<std::mutex> lock(mutex_);
     if (free_.size() < 4) free_.push_back(std::move(buffer));
     std::sort(free_.begin(), free_.end(), [](const auto& a, const auto& b) { return a.size() < b.size(); });
   }
+  static constexpr size_t kKeepBytes = size_t{64} << 20;  // four 12-megapixel photos
   std::mutex mutex_;
   std::vector<std::vector<uint8_t>> free_;
 };
