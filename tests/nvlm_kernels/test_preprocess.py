@@ -422,8 +422,13 @@ def test_kernel_dtypes_and_tensor_inputs(device, dtype):
     ).to(dtype)
     with nk.use_backend("cuda"):
         got, _ = nk.preprocess_images(inputs, device=device, tile_size=28, dtype=dtype)
+        last, _ = nk.preprocess_images(
+            inputs, device=device, tile_size=28, dtype=dtype, memory_format=torch.channels_last
+        )
     assert got.dtype == dtype
     assert torch.equal(got.cpu(), expected)
+    assert last.is_contiguous(memory_format=torch.channels_last)  # written in that layout by the kernel
+    assert torch.equal(last.cpu(), expected)
 
 
 def test_kernel_follows_the_requested_pillow_version(device):
