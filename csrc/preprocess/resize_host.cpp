@@ -398,73 +398,95 @@ void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, con
   }
 
   const PassRowsFn pass_rows = pass_rows_for(isa);
-  static ScratchPool pool;
-  ScratchPool::Lease lease = pool.take(plan.scratch_bytes);
-  uint8_t* mid = lease.buffer.data();
-  std::vector<PassGroup> firsts, seconds;
-  std::vector<int64_t> first_group_of_image(images.size(), -1);
-  int64_t column_bytes = 0, row_bytes = 0;
-  for (int64_t j = 0; j < count; ++j) {
+  // Waves of consecutive jobs (an image's jobs never split) whose intermediates total about
+  // kWaveBytes: each wave runs both phases, so a batch's intermediates are read back while they
+  // are still in cache, and one buffer of a wave's size serves every wave.
+  constexpr int64_t kWaveBytes = int64_t{8} << 20;
+  std::vector<int64_t> wave_end;             // one past each wave's last job
+  std::vector<int64_t> wave_base(count, 0);  // scratch offset where the job's wave starts
+  int64_t lease_bytes = 1;
+  for (int64_t j = 0, base = 0, top = 0; j < count; ++j) {
     const ResizeJob& job = plan.jobs[j];
-    const HostImage image = host_image(images[image_of_job[j]]);
-    row_bytes = std::max<int64_t>(row_bytes, int64_t{image.width} * 3);
-    HostImage second_src = image;
-    if (job.first.axis != kAxisNone) {
-      const bool horizontal = job.first.axis == kAxisHorizontal;
-      const int64_t stride = int64_t{job.mid_width} * 3;
-      int64_t& shared = first_group_of_image[image_of_job[j]];
-      if (!horizontal || shared < 0) {
-        PassGroup group;
-        group.src = image;
-        group.height = job.mid_height;
-        if (horizontal) shared = static_cast<int64_t>(firsts.size());
-        firsts.push_back(std::move(group));
-      }
-      PassGroup& group = firsts[horizontal ? shared : static_cast<int64_t>(firsts.size()) - 1];
-      group.passes.push_back(host_pass(job.first, horizontal ? job.mid_width : job.mid_height, coeffs));
-      group.outs.push_back(mid + job.scratch_offset);
-      group.strides.push_back(stride);
-      group.cost_per_row += int64_t{job.first.window} * (horizontal ? job.mid_width : image.width);
-      if (horizontal) column_bytes = std::max<int64_t>(column_bytes, image.width * baseline::kColumnStride);
-      second_src = HostImage{mid + job.scratch_offset, stride, 3, job.mid_width, job.mid_height};
+    if (job.first.axis != kAxisNone) {  // offsets grow in job order (plan_resize)
+      top = std::max(top, job.scratch_offset + int64_t{job.mid_width} * job.mid_height * 3);
     }
-    PassGroup group;
-    group.src = second_src;
-    group.height = job.out_height;
-    group.job = static_cast<int32_t>(j);
-    const int32_t out_size = job.second.axis == kAxisHorizontal ? job.out_width : job.out_height;
-    group.passes.push_back(job.second.axis == kAxisNone ? HostPass{kAxisNone, 0, 0, nullptr, nullptr, nullptr}
-                                                        : host_pass(job.second, out_size, coeffs));
-    group.outs.push_back(nullptr);
-    group.strides.push_back(int64_t{job.out_width} * 3);
-    group.cost_per_row = int64_t{job.out_width} * (job.second.window + 1);
-    if (job.second.axis == kAxisHorizontal) {
-      column_bytes = std::max<int64_t>(column_bytes, second_src.width * baseline::kColumnStride);
+    wave_base[j] = base;
+    if (j + 1 == count || (top - base >= kWaveBytes && image_of_job[j + 1] != image_of_job[j])) {
+      wave_end.push_back(j + 1);
+      lease_bytes = std::max(lease_bytes, top - base);
+      base = top;
     }
-    row_bytes = std::max<int64_t>(row_bytes, std::max<int64_t>(second_src.width, job.out_width) * 3);
-    seconds.push_back(std::move(group));
   }
-  std::vector<Unit> units = units_of(firsts);
-  run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
-    const PassGroup& group = firsts[unit.group];
-    std::vector<uint8_t*> outs(group.outs);
-    for (size_t i = 0; i < outs.size(); ++i) outs[i] += unit.y0 * group.strides[i];
-    pass_rows(group.src, group.passes.data(), outs.data(), group.strides.data(),
-              static_cast<int32_t>(group.passes.size()), unit.y0, unit.y1, scratch);
-  });
-  units = units_of(seconds);
-  run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
-    const PassGroup& group = seconds[unit.group];
-    const ResizeJob& job = plan.jobs[group.job];
-    if (group.passes[0].axis == kAxisNone) {  // same size: the tiles straight from the source rows
-      emit_rows(job, group.src.data + unit.y0 * group.src.stride, group.src.stride, group.src.step, unit.y0, unit.y1,
-                lut, size, layout, dst);
-      return;
+  static ScratchPool pool;
+  ScratchPool::Lease lease = pool.take(lease_bytes);
+  uint8_t* mid = lease.buffer.data();
+  for (size_t w = 0, begin = 0; w < wave_end.size(); begin = wave_end[w++]) {
+    std::vector<PassGroup> firsts, seconds;
+    std::vector<int64_t> first_group_of_image(images.size(), -1);
+    int64_t column_bytes = 0, row_bytes = 0;
+    for (int64_t j = begin; j < wave_end[w]; ++j) {
+      const ResizeJob& job = plan.jobs[j];
+      const HostImage image = host_image(images[image_of_job[j]]);
+      row_bytes = std::max<int64_t>(row_bytes, int64_t{image.width} * 3);
+      HostImage second_src = image;
+      if (job.first.axis != kAxisNone) {
+        const bool horizontal = job.first.axis == kAxisHorizontal;
+        const int64_t stride = int64_t{job.mid_width} * 3;
+        uint8_t* job_mid = mid + (job.scratch_offset - wave_base[j]);
+        int64_t& shared = first_group_of_image[image_of_job[j]];
+        if (!horizontal || shared < 0) {
+          PassGroup group;
+          group.src = image;
+          group.height = job.mid_height;
+          if (horizontal) shared = static_cast<int64_t>(firsts.size());
+          firsts.push_back(std::move(group));
+        }
+        PassGroup& group = firsts[horizontal ? shared : static_cast<int64_t>(firsts.size()) - 1];
+        group.passes.push_back(host_pass(job.first, horizontal ? job.mid_width : job.mid_height, coeffs));
+        group.outs.push_back(job_mid);
+        group.strides.push_back(stride);
+        group.cost_per_row += int64_t{job.first.window} * (horizontal ? job.mid_width : image.width);
+        if (horizontal) column_bytes = std::max<int64_t>(column_bytes, image.width * baseline::kColumnStride);
+        second_src = HostImage{job_mid, stride, 3, job.mid_width, job.mid_height};
+      }
+      PassGroup group;
+      group.src = second_src;
+      group.height = job.out_height;
+      group.job = static_cast<int32_t>(j);
+      const int32_t out_size = job.second.axis == kAxisHorizontal ? job.out_width : job.out_height;
+      group.passes.push_back(job.second.axis == kAxisNone ? HostPass{kAxisNone, 0, 0, nullptr, nullptr, nullptr}
+                                                          : host_pass(job.second, out_size, coeffs));
+      group.outs.push_back(nullptr);
+      group.strides.push_back(int64_t{job.out_width} * 3);
+      group.cost_per_row = int64_t{job.out_width} * (job.second.window + 1);
+      if (job.second.axis == kAxisHorizontal) {
+        column_bytes = std::max<int64_t>(column_bytes, second_src.width * baseline::kColumnStride);
+      }
+      row_bytes = std::max<int64_t>(row_bytes, std::max<int64_t>(second_src.width, job.out_width) * 3);
+      seconds.push_back(std::move(group));
     }
-    uint8_t* rows = scratch.rows;
-    pass_rows(group.src, group.passes.data(), &rows, group.strides.data(), 1, unit.y0, unit.y1, scratch);
-    emit_rows(job, rows, group.strides[0], 3, unit.y0, unit.y1, lut, size, layout, dst);
-  });
+    std::vector<Unit> units = units_of(firsts);
+    run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
+      const PassGroup& group = firsts[unit.group];
+      std::vector<uint8_t*> outs(group.outs);
+      for (size_t i = 0; i < outs.size(); ++i) outs[i] += unit.y0 * group.strides[i];
+      pass_rows(group.src, group.passes.data(), outs.data(), group.strides.data(),
+                static_cast<int32_t>(group.passes.size()), unit.y0, unit.y1, scratch);
+    });
+    units = units_of(seconds);
+    run_units(units, threads, column_bytes, row_bytes, [&](const Unit& unit, HostScratch& scratch) {
+      const PassGroup& group = seconds[unit.group];
+      const ResizeJob& job = plan.jobs[group.job];
+      if (group.passes[0].axis == kAxisNone) {  // same size: the tiles straight from the source rows
+        emit_rows(job, group.src.data + unit.y0 * group.src.stride, group.src.stride, group.src.step, unit.y0,
+                  unit.y1, lut, size, layout, dst);
+        return;
+      }
+      uint8_t* rows = scratch.rows;
+      pass_rows(group.src, group.passes.data(), &rows, group.strides.data(), 1, unit.y0, unit.y1, scratch);
+      emit_rows(job, rows, group.strides[0], 3, unit.y0, unit.y1, lut, size, layout, dst);
+    });
+  }
 }
 
 at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::Tensor& job_table,

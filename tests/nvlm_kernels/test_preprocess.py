@@ -569,6 +569,18 @@ def test_host_kernel_equals_pillow(host_isa):
     assert torch.equal(channels_last, expected)
 
 
+def test_host_kernel_batch_in_waves():
+    """A batch whose intermediates pass the kernel's wave size (8 MB: each 1400x1000 photo needs
+    5.3 MB) runs in several waves that reuse one buffer; with a same-size image between them."""
+    require_backend(OP, "cuda", "cpu")
+    images = [random_image(1400, 1000, seed=k, smooth=k != 1) for k in range(3)]
+    images.insert(2, random_image(448, 448, seed=7))
+    expected = _reference(images, num_threads=1)
+    for threads in (1, 2):
+        out, _ = nk.preprocess_images(images, num_threads=threads)
+        assert torch.equal(out, expected), threads
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_host_kernel_dtypes_layouts_and_inputs(host_isa, dtype, memory_format):
