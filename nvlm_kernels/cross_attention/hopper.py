@@ -58,19 +58,16 @@ configuration tables are spill-free with triton 3.6 and 3.8 (`make triton-aot`) 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 from nvlm_kernels._device import device_guard, flat_grid
+from nvlm_kernels._tma import block_shape_hook, deterministic_requested, tma_ok
+from nvlm_kernels._tma import head_descriptors as _descriptors
 from nvlm_kernels.cross_attention import triton as _sm80
 from nvlm_kernels.cross_attention.triton import LOG2E, _block_d, _range_strides, _row_ranges, decode_splits, seq_bucket
-
-DETERMINISTIC_ENV_VAR = "NVLM_KERNELS_DETERMINISTIC"
 
 _INTERPRET = triton_interpreter_enabled()
 
@@ -111,15 +108,7 @@ def _head_dim_bucket(head_dim: int) -> int:
 
 # descriptor argument -> the meta-parameter of the rows it streams (BLOCK_D columns)
 _DESCRIPTOR_ROWS = {"K_desc": "BLOCK_N", "V_desc": "BLOCK_N", "Q_desc": "BLOCK_M", "DO_desc": "BLOCK_M"}
-
-
-def _set_block_shapes(nargs: dict) -> None:
-    """Host descriptors carry their block shape: make them match the configuration being launched
-    (an autotuner pre-hook; the launchers build every descriptor with a placeholder block)."""
-    for name, rows in _DESCRIPTOR_ROWS.items():
-        desc = nargs.get(name)
-        if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, nargs[rows], 1, nargs["BLOCK_D"]]
+_set_block_shapes = block_shape_hook(_DESCRIPTOR_ROWS)
 
 
 def _as_config(entry) -> triton.Config:
@@ -522,39 +511,6 @@ def _xattn_hopper_decode_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # launchers
-
-
-def tma_ok(x: torch.Tensor) -> bool:
-    """Whether a [B, S, H, D] tensor can be read by TMA: non-empty, unit head-dim stride, 16-byte
-    aligned base and strides (a view of a fused KV projection qualifies when H·D is even)."""
-    size = x.element_size()
-    return (
-        x.dim() == 4
-        and x.numel() > 0
-        and x.stride(-1) == 1
-        and x.data_ptr() % 16 == 0
-        and all((stride * size) % 16 == 0 for stride in x.stride()[:-1])
-    )
-
-
-def _descriptor(x: torch.Tensor, rows: int = 16) -> TensorDescriptor:
-    """A 4-D host descriptor over x [B, S, H, D]; its block [1, rows, 1, BLOCK_D] is set again by
-    the autotuner's pre-hook for the configuration it launches."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, _block_d(x.shape[-1])])
-
-
-def _descriptors(use_tma: bool, *tensors: torch.Tensor, rows: int = 16) -> list:
-    """Descriptors over ``tensors`` when TMA is used, else the tensors themselves (unused arguments)."""
-    return [_descriptor(x, rows) if use_tma else x for x in tensors]
-
-
-def deterministic_requested(deterministic: bool | None = None) -> bool:
-    """The backward's dQ without atomics: ``deterministic`` if given, else NVLM_KERNELS_DETERMINISTIC=1
-    or torch.use_deterministic_algorithms(True)."""
-    if deterministic is not None:
-        return bool(deterministic)
-    env = os.environ.get(DETERMINISTIC_ENV_VAR, "").strip()
-    return env not in ("", "0") or torch.are_deterministic_algorithms_enabled()
 
 
 def attention_fwd(q, k, v, kv_start, kv_end, gate_tanh, scale, save_ungated: bool):

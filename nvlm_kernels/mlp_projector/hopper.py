@@ -59,6 +59,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 from nvlm_kernels._device import device_guard
+from nvlm_kernels._tma import descriptor, tma_ok
 from nvlm_kernels.mlp_projector import triton as _sm80
 from nvlm_kernels.mlp_projector.triton import ACTIVATIONS, _col_offset, _gelu, _row_base
 
@@ -239,16 +240,6 @@ def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(tiles, _sm_count(device.index if device.index is not None else torch.cuda.current_device())))
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    """A 2-D tensor a TMA descriptor can address: unit inner stride, 16-byte aligned rows and base."""
-    size = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
-
-
 def _rows_view(x: torch.Tensor, r: int, cls: int) -> torch.Tensor | None:
     """x's tokens as a [M, K] matrix TMA can read in place (no shuffle, no CLS drop), else None."""
     if r != 1 or cls:
@@ -257,21 +248,21 @@ def _rows_view(x: torch.Tensor, r: int, cls: int) -> torch.Tensor | None:
         rows = x.view(-1, x.shape[-1])
     except RuntimeError:
         return None
-    return rows if _tma_ready(rows) else None
+    return rows if tma_ok(rows) else None
 
 
 def _gemm1(a, x, geo, w1, b1, mean, rstd, ln_weight, ln_bias, act, hidden, pre, r, v2, ln_on_load):
     """hidden (and pre) = act(A · W1ᵀ + b1) for A = ``a`` (TMA) or, ``ln_on_load``, x normalized on load."""
     m, n1, k = hidden.shape[0], w1.shape[0], w1.shape[1]
-    if not _tma_ready(w1):
+    if not tma_ok(w1):
         w1 = w1.contiguous()  # a strided or unaligned view of W1: copied once, TMA needs aligned rows
     first = INTERPRETER_GEMM if _INTERPRET else GEMM_TABLE["ln_on_load" if ln_on_load else "ln_pass"][0]
     bm, bn, bk = first[:3]  # the configuration's pre-hook sets them again
     tma_store = n1 % 8 == 0
     empty = hidden.new_empty(0)
-    a_desc = _descriptor(a, [bm, bk]) if a is not None else None
-    out_desc = _descriptor(hidden, [bm, bn // 2]) if tma_store else None
-    pre_desc = _descriptor(pre, [bm, bn // 2]) if (tma_store and pre.numel()) else None
+    a_desc = descriptor(a, [bm, bk]) if a is not None else None
+    out_desc = descriptor(hidden, [bm, bn // 2]) if tma_store else None
+    pre_desc = descriptor(pre, [bm, bn // 2]) if (tma_store and pre.numel()) else None
     device = hidden.device
 
     def grid(meta):
@@ -280,7 +271,7 @@ def _gemm1(a, x, geo, w1, b1, mean, rstd, ln_weight, ln_bias, act, hidden, pre, 
 
     has_ln = ln_weight is not None
     _gemm1_kernel[grid](
-        a_desc, _descriptor(w1, [bn, bk]), out_desc, pre_desc,
+        a_desc, descriptor(w1, [bn, bk]), out_desc, pre_desc,
         x if ln_on_load else empty, mean, rstd, ln_weight if has_ln else empty,
         ln_bias if ln_bias is not None else empty, b1 if b1 is not None else empty, hidden, pre,
         m, n1, k, triton.next_power_of_2(max(m, 16)), *_sm80._geo_args(geo), *_sm80._x_args(x),

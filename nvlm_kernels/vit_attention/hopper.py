@@ -55,15 +55,15 @@ spill-free with triton 3.6 and 3.8 (`make triton-aot`) but unmeasured.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nvlm_kernels._backend import autotune_configs, triton_interpreter_enabled
 from nvlm_kernels._device import device_guard
+from nvlm_kernels._tma import block_shape_hook, deterministic_requested, tma_ok
+from nvlm_kernels._tma import head_descriptors as _descriptors
 from nvlm_kernels.vit_attention import triton as _sm80
 from nvlm_kernels.vit_attention.triton import (
     _DELTA_ROWS,
@@ -79,7 +79,6 @@ from nvlm_kernels.vit_attention.triton import (
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = _sm80.SUPPORTED_HEAD_DIMS
 SUPPORTED_DTYPES = _sm80.SUPPORTED_DTYPES
-DETERMINISTIC_ENV_VAR = "NVLM_KERNELS_DETERMINISTIC"
 
 _INTERPRET = triton_interpreter_enabled()
 
@@ -125,15 +124,7 @@ def tail_block(rest: int, block: int) -> int:
 # descriptor argument -> the meta-parameter of the rows it streams (BLOCK_D columns)
 _DESCRIPTOR_ROWS = {"K_desc": "BLOCK_N", "V_desc": "BLOCK_N", "Q_desc": "BLOCK_M", "DO_desc": "BLOCK_M",
                     "DQacc_desc": "BLOCK_M"}  # fmt: skip
-
-
-def _set_block_shapes(nargs: dict) -> None:
-    """Host descriptors carry their block shape: make them match the configuration being launched
-    (an autotuner pre-hook; the launchers build every descriptor with a placeholder block)."""
-    for name, rows in _DESCRIPTOR_ROWS.items():
-        desc = nargs.get(name)
-        if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, nargs[rows], 1, nargs["BLOCK_D"]]
+_set_block_shapes = block_shape_hook(_DESCRIPTOR_ROWS)
 
 
 def _as_config(entry) -> triton.Config:
@@ -533,29 +524,6 @@ def _vit_hopper_bwd_dq_kernel(
 # launchers
 
 
-def tma_ok(x: torch.Tensor) -> bool:
-    """Whether a [T, S, H, D] tensor can be read by TMA: unit head-dim stride, 16-byte aligned base
-    and strides (a view of a fused QKV projection qualifies when H·D is even)."""
-    size = x.element_size()
-    return (
-        x.stride(-1) == 1
-        and x.data_ptr() % 16 == 0
-        and all((stride * size) % 16 == 0 for stride in x.stride()[:-1])
-        and x.dim() == 4
-    )
-
-
-def _descriptor(x: torch.Tensor, rows: int = 16) -> TensorDescriptor:
-    """A 4-D host descriptor over x [T, S, H, D]; its block [1, rows, 1, BLOCK_D] is set again by the
-    autotuner's pre-hook for the configuration it launches."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, _block_d(x.shape[-1])])
-
-
-def _descriptors(use_tma: bool, *tensors: torch.Tensor) -> list:
-    """Descriptors over ``tensors`` when TMA is used, else the tensors themselves (unused arguments)."""
-    return [_descriptor(x) if use_tma else x for x in tensors]
-
-
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -580,15 +548,6 @@ def attention_fwd(
             HEAD_DIM=D, BLOCK_D=_block_d(D), QK_NORM=norm is not None, USE_TMA=use_tma,
         )  # fmt: skip
     return out, lse
-
-
-def deterministic_requested(deterministic: bool | None = None) -> bool:
-    """Whether the backward runs without atomics: ``deterministic`` if given, else the environment
-    variable NVLM_KERNELS_DETERMINISTIC=1 or ``torch.use_deterministic_algorithms(True)``."""
-    if deterministic is not None:
-        return deterministic
-    flag = os.environ.get(DETERMINISTIC_ENV_VAR, "").strip().lower() not in ("", "0", "false")
-    return flag or torch.are_deterministic_algorithms_enabled()
 
 
 def attention_bwd(

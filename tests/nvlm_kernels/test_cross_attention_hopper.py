@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
+from nvlm_kernels._tma import DETERMINISTIC_ENV_VAR
 from nvlm_kernels.cross_attention import gated_cross_attention_bwd_op, gated_cross_attention_op, hopper
 from nvlm_kernels.testing import assert_close_flash, require_backend
 from tests.nvlm_kernels.test_cross_attention import oracle, random_ranges
@@ -68,7 +69,7 @@ def _check(q, k, v, start, end, with_gate: bool, seed: int, deterministic: bool 
     inputs = [q, k, v] + ([gate] if with_gate else [])
     mine = [x.detach().requires_grad_() for x in inputs]
     if monkeypatch is not None:
-        monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
+        monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
     with nk.use_backend(BACKEND):
         out = nk.gated_cross_attention(*mine[:3], start, end, mine[3] if with_gate else None)
     grad = torch.randn(out.shape, generator=gen).to(device, q.dtype)
@@ -155,7 +156,7 @@ def test_deterministic_mode_is_bitwise_reproducible(device, monkeypatch):
         assert torch.equal(runs[0][1][i], atomic[1][i])
     assert torch.allclose(runs[0][1][0].float(), atomic[1][0].float(), atol=2e-3, rtol=1e-2)
     assert not hopper.deterministic_requested(None) and hopper.deterministic_requested(True)
-    monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "1")
+    monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "1")
     assert hopper.deterministic_requested(None) and not hopper.deterministic_requested(False)
 
 

@@ -71,7 +71,7 @@ def test_unaligned_rows_and_strided_weight(device):
     padded[..., 1:] = params["x"]
     x = padded[..., 1:]  # rows 130 bytes apart, base 2 bytes off: no TMA descriptor can address it
     w1 = params["w1"].t().contiguous().t()  # strided: features 48 elements apart
-    assert hopper._rows_view(x, 1, 0) is None and not hopper._tma_ready(w1)
+    assert hopper._rows_view(x, 1, 0) is None and not hopper.tma_ok(w1)
     with nk.use_backend(BACKEND):
         got = nk.mlp_projector(x, None, None, w1, None, None, None)
     want = oracle(params["x"].double().cpu(), None, None, params["w1"].double().cpu(), None, None, None, eps=1e-5,

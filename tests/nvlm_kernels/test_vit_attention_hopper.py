@@ -17,6 +17,7 @@ import torch
 
 import nvlm_kernels as nk
 from nvlm_kernels import _backend
+from nvlm_kernels._tma import DETERMINISTIC_ENV_VAR
 from nvlm_kernels.testing import assert_close_flash, require_backend
 from nvlm_kernels.vit_attention import (
     vit_attention_bwd_op,
@@ -108,7 +109,7 @@ SHAPES = [  # (T, S, H, D): S % 128 = 1 (1025-like), 0, other; S < 128; padded h
 def test_attention_forward_and_gradients(device, shape, deterministic, monkeypatch):
     """Through the public function: the forward, and the single-pass backward with dQ by atomics or
     (NVLM_KERNELS_DETERMINISTIC=1) the pass without dQ plus the dQ kernel."""
-    monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
+    monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
     t, s, h, d = shape
     gen = torch.Generator().manual_seed(s * 7 + d)
     for dtype in _dtypes(device):
@@ -166,15 +167,15 @@ def test_padded_keys_of_the_key_tail_cannot_make_nan(device):
 
 
 def test_deterministic_request_sources(monkeypatch):
-    monkeypatch.delenv(hopper.DETERMINISTIC_ENV_VAR, raising=False)
+    monkeypatch.delenv(DETERMINISTIC_ENV_VAR, raising=False)
     old = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
         assert not hopper.deterministic_requested()
         assert hopper.deterministic_requested(True)
-        monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "1")
+        monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "1")
         assert hopper.deterministic_requested() and not hopper.deterministic_requested(False)
-        monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "0")
+        monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "0")
         torch.use_deterministic_algorithms(True)
         assert hopper.deterministic_requested()
     finally:
@@ -256,7 +257,7 @@ def _norm_inputs(gen, t, s, h, d, device):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
 def test_qk_norm_attention_fused_qkv(device, shape, deterministic, monkeypatch):
     """qkv [T, S, 3·H·D] (the TMA path: aligned views), the statistic over part of the features."""
-    monkeypatch.setenv(hopper.DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
+    monkeypatch.setenv(DETERMINISTIC_ENV_VAR, "1" if deterministic else "0")
     t, s, h, d = shape
     gen = torch.Generator().manual_seed(s + d)
     qkv, wq, wk = _norm_inputs(gen, t, s, h, d, device)
