@@ -11,6 +11,7 @@
 
 #include "core/checks.h"
 #include "core/copy_unit.h"
+#include "core/host_parallel.h"
 #include "core/nvtx.h"
 #include "pixel_shuffle/pixel_shuffle.h"
 
@@ -65,7 +66,10 @@ void copy_tokens_host(const CopyPlan& plan) {
   auto* destination = static_cast<Unit*>(plan.destination.data_ptr());
   // A token moves C elements; aim for ~64 KiB of work per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (int64_t{g.units_per_token} * sizeof(Unit) + 1));
-  at::parallel_for(0, g.total_tokens, grain, [&](int64_t begin, int64_t end) {
+  // threads (started per call) only for copies worth it: from 1 MiB
+  const int64_t bytes = g.total_tokens * g.units_per_token * static_cast<int64_t>(sizeof(Unit));
+  const int64_t threads = bytes >= (int64_t{1} << 20) ? at::get_num_threads() : 1;
+  parallel_rows(g.total_tokens, threads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const TokenOffsets offsets = token_offsets(t, g);
       const int64_t src = plan.forward ? offsets.unshuffled : offsets.shuffled;

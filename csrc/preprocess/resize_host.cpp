@@ -1,7 +1,7 @@
 // Resize to tiles: argument checks, job plan, and the C++ host kernel (CPU dispatch key).
 //
 // The host kernel is the CPU path of preprocess_images. Per call, two phases, each a list of work
-// units (a job's block of at most kRows output rows) that the threads of at::parallel_for take
+// units (a job's block of at most kRows output rows) that `num_threads` workers (run_workers) take
 // from a shared counter, largest first: the first passes (into a uint8 intermediate per job, as
 // Pillow rounds between passes), then the second passes, whose rows are normalized through a
 // [3, 256] lookup table straight into the output tiles (planar or channels-last, any of the three
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include "core/checks.h"
+#include "core/host_parallel.h"
 #include "core/nvtx.h"
 #include "preprocess/dispatch.h"
 #include "preprocess/resize.h"
@@ -276,18 +278,44 @@ class ScratchPool {
   std::vector<std::vector<uint8_t>> free_;
 };
 
-// Runs fn(unit, scratch) for every unit on up to `threads` threads of at::parallel_for, each
-// taking the next unit from a shared counter (units sorted by decreasing cost).
+// Per-worker buffers, kept between calls (no fresh pages per call; the buffers' stale bytes only
+// ever feed lanes whose results are dropped): a worker leases one set and gives it back.
+class HostScratchPool {
+ public:
+  std::unique_ptr<HostScratch> take() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return std::make_unique<HostScratch>();
+    std::unique_ptr<HostScratch> scratch = std::move(free_.back());
+    free_.pop_back();
+    return scratch;
+  }
+  void give_back(std::unique_ptr<HostScratch> scratch) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.size() < kKeep) free_.push_back(std::move(scratch));
+  }
+
+ private:
+  static constexpr size_t kKeep = 64;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<HostScratch>> free_;
+};
+
+HostScratchPool& host_scratch_pool() {
+  static HostScratchPool pool;
+  return pool;
+}
+
+// Runs fn(unit, scratch) for every unit on up to `threads` workers, each taking the next unit from
+// a shared counter (units sorted by decreasing cost).
 template <typename Fn>
 void run_units(std::vector<Unit>& units, int64_t threads, int64_t column_bytes, int64_t row_bytes, const Fn& fn) {
   std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(units.size());
   const int64_t workers = std::max<int64_t>(1, std::min(threads, count));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // kept by each pool thread between calls: no fresh pages per call (the buffers' stale bytes
-    // only ever feed lanes whose results are dropped)
-    thread_local HostScratch scratch;
+  run_workers(workers, [&](int64_t) {
+    std::unique_ptr<HostScratch> lease = host_scratch_pool().take();
+    HostScratch& scratch = *lease;
     const auto grow = [](std::vector<uint8_t>& buffer, int64_t bytes) {
       if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
       return buffer.data();
@@ -297,6 +325,7 @@ void run_units(std::vector<Unit>& units, int64_t threads, int64_t column_bytes, 
     scratch.wide = grow(scratch.wide_buffer, std::max<int64_t>(row_bytes / 3 * 4, 1));
     scratch.rows = grow(scratch.row_buffer, std::max<int64_t>(row_bytes * baseline::kRows, 1));
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(units[i], scratch);
+    host_scratch_pool().give_back(std::move(lease));
   });
 }
 
@@ -374,7 +403,7 @@ void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, con
     uint8_t* mid = scratch.data_ptr<uint8_t>();  // the CUDA kernels' per-pixel functions, one row per task
     for (const ResizeJob& job : plan.jobs) {
       if (job.first.axis == kAxisNone) continue;
-      at::parallel_for(0, job.mid_height, 1, [&](int64_t begin, int64_t end) {
+      parallel_rows(job.mid_height, threads, 1, [&](int64_t begin, int64_t end) {
         for (int32_t y = begin; y < end; ++y) {
           for (int32_t x = 0; x < job.mid_width; ++x) {
             first_pass_rgb(job, coeffs, x, y, mid + job.scratch_offset + (int64_t{y} * job.mid_width + x) * 3);
@@ -383,7 +412,7 @@ void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, con
       });
     }
     for (const ResizeJob& job : plan.jobs) {
-      at::parallel_for(0, job.out_height, 1, [&](int64_t begin, int64_t end) {
+      parallel_rows(job.out_height, threads, 1, [&](int64_t begin, int64_t end) {
         for (int32_t y = begin; y < end; ++y) {
           for (int32_t x = 0; x < job.out_width; ++x) {
             uint8_t rgb[3];
