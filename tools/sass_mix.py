@@ -61,8 +61,9 @@ def main_loop(sass: str) -> collections.Counter:
     return best
 
 
-def discover() -> list[tuple[str, int]]:
-    """(module, spec index) of every sm_90 forward spec of the attention ops."""
+def discover(name_filter: str = "") -> list[tuple[str, int]]:
+    """(module, spec index) of every sm_90 forward spec of the attention ops whose name contains
+    ``name_filter``."""
     found = []
     for op in OPS:
         for kind in triton_aot.KERNEL_MODULES:
@@ -72,7 +73,7 @@ def discover() -> list[tuple[str, int]]:
             except ModuleNotFoundError:
                 continue
             for index, spec in enumerate(module.aot_specs()):
-                if spec.get("arch") == 90 and "_fwd[" in spec["name"]:
+                if spec.get("arch") == 90 and "_fwd[" in spec["name"] and name_filter in spec["name"]:
                     found.append((name, index))
     return found
 
@@ -133,7 +134,7 @@ def main() -> int:
     triton_aot._worker_init()
     import triton
 
-    tasks = [t for t in discover() if args.k in importlib.import_module(t[0]).aot_specs()[t[1]]["name"]]
+    tasks = discover(args.k)
     if not tasks:
         print("no kernels matched")
         return 1

@@ -3,8 +3,8 @@
 // Not at::parallel_for: with torch's OpenMP backend that is an inline `#pragma omp parallel`,
 // which runs on one thread in an extension built without -fopenmp (measured on the preprocess
 // host kernel: 2 threads = 1.0x, CPU time = wall time), and building with -fopenmp would load a
-// second OpenMP runtime beside torch's. Plain std::threads, started per call (tens of
-// microseconds), so callers keep small work on one thread.
+// second OpenMP runtime beside torch's. Plain std::threads, started per call,
+// so callers keep small work on one thread.
 #pragma once
 
 #include <algorithm>
