@@ -18,12 +18,14 @@
 #include <vector>
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "core/checks.h"
 #include "core/host_parallel.h"
 #include "core/nvtx.h"
+#include "core/recycling_allocator.h"
 #include "preprocess/dispatch.h"
 #include "preprocess/resize.h"
 
@@ -532,9 +534,10 @@ at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::
   const int64_t* rows = job_table.const_data_ptr<int64_t>();
   for (int64_t j = 0; j < job_table.size(0); ++j) image_of_job.push_back(rows[j * kJobFields]);
   const int64_t threads = num_threads == 0 ? at::get_num_threads() : std::min<int64_t>(num_threads, at::get_num_threads());
-  at::Tensor out = at::empty({total_tiles, 3, tile_size, tile_size},
-                             table.options().dtype(dtype).memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                                      : at::MemoryFormat::Contiguous));
+  // Every byte is written below; a freed output of an earlier call is reused (recycling_allocator.h).
+  at::Tensor out = at::detail::empty_generic(
+      {total_tiles, 3, tile_size, tile_size}, &RecyclingHostAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+      dtype, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const TileLayout layout = tile_layout(static_cast<int32_t>(tile_size), channels_last);
   const float* values = table.const_data_ptr<float>();
   NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cpu", [&] {

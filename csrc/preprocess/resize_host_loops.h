@@ -67,17 +67,59 @@ inline void vertical_row(const uint8_t* src, int64_t stride, const int32_t* w, i
   for (; k < n; ++k) convolve<1>(src + k, stride, w, taps, out + k);
 }
 
+#if defined(NVLM_HOST_LOOPS_AVX2)
+// Both transpositions move 3-byte pixels of four rows by four pixels at a time: 16-byte loads
+// whose pixels are spread to dwords (vpshufb), a 4x4 dword transpose, the dwords packed back to
+// 12 bytes, and 16-byte stores whose last 4 bytes are rewritten by the next store (or land in
+// padding). Element by element, a 4032-pixel row block cost about 9 ms per photo in 4-byte copies.
+inline __m128i spread_pixels(__m128i v) {  // 4 pixels of 3 bytes -> 4 dwords (byte 3 is zero)
+  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+}
+inline __m128i pack_pixels(__m128i v) {  // 4 dwords -> 4 pixels of 3 bytes, then 4 zero bytes
+  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+}
+inline void transpose_4x4(__m128i& a, __m128i& b, __m128i& c, __m128i& d) {
+  const __m128i ab_lo = _mm_unpacklo_epi32(a, b), ab_hi = _mm_unpackhi_epi32(a, b);
+  const __m128i cd_lo = _mm_unpacklo_epi32(c, d), cd_hi = _mm_unpackhi_epi32(c, d);
+  a = _mm_unpacklo_epi64(ab_lo, cd_lo);
+  b = _mm_unpackhi_epi64(ab_lo, cd_lo);
+  c = _mm_unpacklo_epi64(ab_hi, cd_hi);
+  d = _mm_unpackhi_epi64(ab_hi, cd_hi);
+}
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline void store16(uint8_t* p, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+#endif
+
 // columns[x · kColumnStride + r · 3 + c] = pixel x, channel c of row r, for x in [x0, x1), r < rows.
 inline void transpose_rows(const HostImage& src, int32_t y0, int32_t rows, int32_t x0, int32_t x1, uint8_t* columns) {
   const int32_t step = src.step;
-  // 4-byte copies: the pixel's 3 bytes and one more, which lands in the next row's slot (written
-  // after) or in the column's padding. A packed RGB row's last pixel is copied bytewise, as its
-  // fourth byte may lie past the image.
+  int32_t simd_end = x0;  // rows below rows & ~3 are done up to here
+#if defined(NVLM_HOST_LOOPS_AVX2)
+  // A 16-byte load at pixel x stays in the row while x · step + 16 <= width · step.
+  const int32_t load_end = std::min(x1, src.width - (step == 4 ? 0 : 2));
+  for (; simd_end + 4 <= load_end; simd_end += 4) {
+    const int32_t x = simd_end;
+    for (int32_t r = 0; r + 4 <= rows; r += 4) {
+      const uint8_t* p = src.data + (y0 + r) * src.stride + x * step;
+      __m128i a = load16(p), b = load16(p + src.stride), c = load16(p + 2 * src.stride), d = load16(p + 3 * src.stride);
+      if (step == 3) a = spread_pixels(a), b = spread_pixels(b), c = spread_pixels(c), d = spread_pixels(d);
+      transpose_4x4(a, b, c, d);  // now pixel x + i of the four rows
+      uint8_t* column = columns + x * kColumnStride + r * 3;
+      store16(column, pack_pixels(a));
+      store16(column + kColumnStride, pack_pixels(b));
+      store16(column + 2 * kColumnStride, pack_pixels(c));
+      store16(column + 3 * kColumnStride, pack_pixels(d));
+    }
+  }
+#endif
+  // The rest pixel by pixel in 4-byte copies: the pixel's 3 bytes and one more, which lands in
+  // the next row's slot (written after) or in the column's padding. A packed RGB row's last pixel
+  // is copied bytewise, as its fourth byte may lie past the image.
   const int32_t wide_end = std::min(x1, step == 4 ? src.width : src.width - 1);
   for (int32_t r = 0; r < rows; ++r) {
     const uint8_t* row = src.data + (y0 + r) * src.stride;
     uint8_t* column = columns + r * 3;
-    int32_t x = x0;
+    int32_t x = r < (rows & ~3) ? simd_end : x0;
     for (; x < wide_end; ++x) {
       uint32_t v;
       std::memcpy(&v, row + x * step, 4);
@@ -98,10 +140,29 @@ inline void horizontal_rows(const uint8_t* columns, const HostPass& pass, int32_
     convolve<kLanes>(columns + pass.start[x] * kColumnStride, kColumnStride,
                      pass.weights + static_cast<int64_t>(x) * pass.window, pass.taps[x], packed + x * kLanes);
   }
+  int32_t simd_end = 0;  // rows below rows & ~3 are done up to here
+#if defined(NVLM_HOST_LOOPS_AVX2)
+  // The 16-byte stores at pixel x write 4 bytes of pixels x + 4 and x + 5, which come later; the
+  // loads read 4 bytes past a pixel's kLanes (the next pixel's, or the buffer's slack).
+  for (; simd_end + 6 <= pass.size; simd_end += 4) {
+    const int32_t x = simd_end;
+    for (int32_t r = 0; r + 4 <= rows; r += 4) {
+      const uint8_t* p = packed + x * kLanes + r * 3;
+      __m128i a = spread_pixels(load16(p)), b = spread_pixels(load16(p + kLanes));
+      __m128i c = spread_pixels(load16(p + 2 * kLanes)), d = spread_pixels(load16(p + 3 * kLanes));
+      transpose_4x4(a, b, c, d);  // now row r + i of the four pixels
+      uint8_t* o = out + r * out_stride + x * 3;
+      store16(o, pack_pixels(a));
+      store16(o + out_stride, pack_pixels(b));
+      store16(o + 2 * out_stride, pack_pixels(c));
+      store16(o + 3 * out_stride, pack_pixels(d));
+    }
+  }
+#endif
   for (int32_t r = 0; r < rows; ++r) {
     uint8_t* o = out + r * out_stride;
     const uint8_t* p = packed + r * 3;
-    int32_t x = 0;
+    int32_t x = r < (rows & ~3) ? simd_end : 0;
     for (; x + 1 < pass.size; ++x) {  // the fourth byte is the next pixel's first, written next
       uint32_t v;
       std::memcpy(&v, p + x * kLanes, 4);

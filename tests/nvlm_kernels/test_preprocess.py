@@ -581,6 +581,39 @@ def test_host_kernel_batch_in_waves():
         assert torch.equal(out, expected), threads
 
 
+def test_host_kernel_transposition_edges(host_isa):
+    """The horizontal passes move pixels four rows by four pixels at a time (AVX2) and finish
+    pixel by pixel: widths and output widths on both sides of each block edge, row blocks of a
+    height that is not a multiple of four, and 4-byte (RGBA) pixels, which load differently."""
+    rng = np.random.default_rng(11)
+    images = []
+    for width in range(38, 54):
+        height = 9 + width % 15
+        pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+        images.append(torch.from_numpy(pixels[..., :3].copy()) if width % 2 else torch.from_numpy(pixels))
+    for tile_size in (13, 16, 17):
+        expected = torch.cat([_reference([Image.fromarray(x[..., :3].numpy())], tile_size=tile_size) for x in images])
+        for threads in (1, 2):
+            out, _ = nk.preprocess_images(images, tile_size=tile_size, num_threads=threads)
+            assert torch.equal(out, expected), (host_isa, tile_size, threads)
+
+
+def test_host_kernel_recycles_its_output():
+    """A freed output is the next call's (no fresh pages per call), and every byte of it is
+    rewritten: the first output is poisoned before it is freed."""
+    require_backend(OP, "cuda", "cpu")
+    images = [random_image(1000, 700, seed=k) for k in range(2)]  # 14 tiles: 8.4 MB of float32
+    first, _ = nk.preprocess_images(images)
+    address = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    second, _ = nk.preprocess_images(images[::-1])
+    assert second.data_ptr() == address
+    assert torch.equal(second, _reference(images[::-1]))
+    second.resize_(1, 3, 448, 448)  # an ordinary resizable CPU tensor
+    assert torch.equal(second[0], _reference(images[1:])[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_host_kernel_dtypes_layouts_and_inputs(host_isa, dtype, memory_format):
