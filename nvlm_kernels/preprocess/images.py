@@ -99,6 +99,8 @@ def load_image(image, index: int = 0):
         # read-only memory (np.asarray of a PIL image), which nothing here writes to; negative
         # strides are the one layout torch cannot view
         array = np.ascontiguousarray(image) if min(image.strides, default=0) < 0 else image
+        if array.flags.writeable:  # no warning to silence (catching one costs more than the rest)
+            return _tensor_hwc(torch.from_numpy(array), index)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             return _tensor_hwc(torch.from_numpy(array), index)

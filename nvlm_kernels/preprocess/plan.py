@@ -94,6 +94,11 @@ def tile_plan(
     _check_positive_int(width, "width")
     _check_positive_int(height, "height")
     check_tiling_args(min_tiles, max_tiles, tile_size)
+    return _tile_plan(width, height, min_tiles, max_tiles, tile_size, bool(use_thumbnail))
+
+
+@functools.lru_cache(maxsize=1024)  # a server sees the same few photo sizes again and again
+def _tile_plan(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int, use_thumbnail: bool) -> TilePlan:
     aspect = width / height
     area = width * height
     best_diff = float("inf")
@@ -105,4 +110,4 @@ def tile_plan(
         elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
             best = (cols, rows)
     cols, rows = best
-    return TilePlan(width, height, cols, rows, tile_size, bool(use_thumbnail) and cols * rows != 1)
+    return TilePlan(width, height, cols, rows, tile_size, use_thumbnail and cols * rows != 1)
