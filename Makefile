@@ -6,6 +6,8 @@
 #   make triton-aot  compile every Triton kernel for sm_90 and sm_80 with triton 3.6 and 3.8, and check
 #                    the Hopper variants' main-loop instruction mix (tools/sass_mix.py)
 #   make cmake-check CMakeLists.txt against the CPU torch: builds libnvlm_C and runs its C++ smoke test
+#   make clang-check the CPU extension built with Clang (its own AVX2 target pragma), host-kernel tests
+#   make bench-preprocess  bench/bench_preprocess.py in .venv-vllm (torchvision there: the hf-fast row)
 #   make lint        ruff
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,7 +21,7 @@ export MAX_JOBS ?= 2
 PIP_INSTALL_EDITABLE := pip install -e . --no-build-isolation --no-deps -q
 PYTEST_ARGS ?=
 
-.PHONY: all venv venv-cuda build test bench bench-pytest gpu-check-dry-run cuda-check triton-aot cmake-check lint info clean
+.PHONY: all venv venv-cuda build test bench bench-pytest gpu-check-dry-run cuda-check triton-aot cmake-check clang-check bench-preprocess lint info clean
 
 all: test
 
@@ -95,6 +97,17 @@ cmake-check: venv
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build/cmake -j $(MAX_JOBS)
 	./build/cmake/nvlm_C_smoke
+
+clang-check: venv
+	bash tools/clang_check.sh
+
+# The preprocessing benchmark where transformers' fast (torchvision) image processor can run too:
+# .venv-vllm has torchvision (its Python part, which the processor uses; see tools/vllm_cpu_shim.py)
+# and loads the extension `make build` made (same torch). Results in bench/results/local/.
+bench-preprocess: build venv-vllm
+	NVLM_KERNELS_BUILD_EXT=0 $(PY_VLLM) -m pip install -q -e . --no-build-isolation --no-deps 2>&1 \
+	  | { grep -v "^WARNING: Location 'file:" || true; }
+	$(PY_VLLM) bench/run_all.py -k preprocess --out bench/results/local
 
 lint: venv
 	$(PY) -m ruff check .

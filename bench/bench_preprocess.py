@@ -109,14 +109,13 @@ def _hf_fast():
     """transformers' fast InternVL image processor (GotOcr2ImageProcessorFast, torchvision-based),
     set up as InternVL's: 448² tiles, 1-6 of them plus a thumbnail; or the reason it cannot run."""
     try:
+        import torchvision  # noqa: F401  (the fast processors' backend: without it, no fast row)
         import transformers
 
         # "...Fast" until transformers 5, the fast (torchvision) class under the plain name after
-        name = (
-            "GotOcr2ImageProcessorFast"
-            if hasattr(transformers, "GotOcr2ImageProcessorFast")
-            else "GotOcr2ImageProcessor"
-        )
+        # (5.x keeps the old name as a deprecated alias)
+        major = int(transformers.__version__.split(".")[0])
+        name = "GotOcr2ImageProcessor" if major >= 5 else "GotOcr2ImageProcessorFast"
         processor = getattr(transformers, name)(
             crop_to_patches=True, min_patches=1, max_patches=6, size={"height": 448, "width": 448}
         )
