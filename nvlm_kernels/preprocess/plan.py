@@ -98,7 +98,9 @@ def tile_plan(
 
 
 @functools.lru_cache(maxsize=1024)  # a server sees the same few photo sizes again and again
-def _tile_plan(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int, use_thumbnail: bool) -> TilePlan:
+def _tile_plan(
+    width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int, use_thumbnail: bool
+) -> TilePlan:
     aspect = width / height
     area = width * height
     best_diff = float("inf")
