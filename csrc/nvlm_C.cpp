@@ -18,6 +18,9 @@ TORCH_LIBRARY(nvlm_C, m) {
   m.def(
       "resize_to_tiles(Tensor[] images, Tensor job_table, Tensor coefficients, Tensor table, int total_tiles, "
       "int tile_size, ScalarType dtype, bool channels_last=False, int num_threads=0, int isa=-1) -> Tensor");
+  // uint8 [nbytes] on the host from the allocator that recycles the host kernels' large outputs
+  // (csrc/core/recycling_allocator.h): staging memory reused from call to call.
+  m.def("host_buffer(int nbytes) -> Tensor");
 }
 
 #if defined(NVLM_PYTHON_MODULE)

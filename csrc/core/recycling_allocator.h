@@ -8,25 +8,27 @@
 // kernel's whole call for four 4032x3024 photos is about 200 ms. A server calls it again and
 // again with similar sizes, so the freed output of one call is the next call's.
 //
-// Blocks of at least kMinBytes are kept when freed, up to kKeepBytes in all (the oldest go first);
-// a request takes the smallest kept block that fits it and wastes at most half of it. Smaller
-// blocks go straight to c10's allocator, which glibc recycles well. Tensors made with it are
-// ordinary resizable CPU tensors (the storage keeps this allocator).
+// Blocks of at least kMinBytes are kept when freed, up to NVLM_KERNELS_HOST_CACHE_MB in all
+// (default 512: four photos' staging copies and their float32 tiles; 0 keeps nothing; the oldest
+// go first); a request takes the smallest kept block that fits it and wastes at most half of it.
+// Smaller blocks go straight to c10's allocator, which glibc recycles well. Tensors made with it
+// are ordinary resizable CPU tensors (the storage keeps this allocator).
 #pragma once
 
 #include <cstddef>
+#include <cstdlib>
 #include <deque>
 #include <mutex>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
 
 namespace nvlm {
 
 class RecyclingHostAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t{1} << 20;
-  static constexpr size_t kKeepBytes = size_t{256} << 20;
 
   // Never destroyed: a tensor may be freed after static destructors ran.
   static RecyclingHostAllocator& get() {
@@ -83,7 +85,7 @@ class RecyclingHostAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(self.mutex_);
       self.free_.push_back(block);
       self.kept_ += block->bytes;
-      while (self.kept_ > kKeepBytes) {
+      while (self.kept_ > self.keep_bytes_) {
         evicted.push_back(self.free_.front());
         self.kept_ -= self.free_.front()->bytes;
         self.free_.pop_front();
@@ -95,6 +97,17 @@ class RecyclingHostAllocator final : public c10::Allocator {
     }
   }
 
+  static size_t keep_bytes_from_env() {
+    const char* text = std::getenv("NVLM_KERNELS_HOST_CACHE_MB");
+    if (text == nullptr || *text == '\0') return size_t{512} << 20;
+    char* end = nullptr;
+    const long long megabytes = std::strtoll(text, &end, 10);
+    TORCH_CHECK(end != text && *end == '\0' && megabytes >= 0,
+                "NVLM_KERNELS_HOST_CACHE_MB must be a number of megabytes >= 0, got '", text, "'");
+    return static_cast<size_t>(megabytes) << 20;
+  }
+
+  const size_t keep_bytes_ = keep_bytes_from_env();
   std::mutex mutex_;
   std::deque<Block*> free_;  // oldest first
   size_t kept_ = 0;

@@ -548,8 +548,16 @@ at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::
   return out;
 }
 
+at::Tensor host_buffer(int64_t nbytes) {
+  NVLM_CHECK_ARG(nbytes >= 0, "nbytes", "must be >= 0, got ", nbytes);
+  return at::detail::empty_generic({nbytes}, &RecyclingHostAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   at::kByte, std::nullopt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nvlm_C, CPU, m) { m.impl("resize_to_tiles", &resize_to_tiles_cpu); }
+// No tensor argument to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(nvlm_C, CompositeExplicitAutograd, m) { m.impl("host_buffer", &host_buffer); }
 
 }  // namespace nvlm::preprocess

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nvlm_kernels import _extension
-from nvlm_kernels.preprocess.images import to_rgb_array
+from nvlm_kernels.preprocess.images import Image, to_rgb_array
 from nvlm_kernels.preprocess.plan import TilePlan
 from nvlm_kernels.preprocess.resample import axis_coefficients, vertical_first
 
@@ -127,11 +127,29 @@ def _pil_arrow_view(image) -> torch.Tensor | None:
         return torch.frombuffer(memory, dtype=torch.uint8).view(height, width, 4)
 
 
+def _pil_row_copy(image) -> torch.Tensor | None:
+    """uint8 [H, W, 4] RGBX copy of a PIL RGB image that Pillow keeps in several memory blocks
+    (photos over its 16 MB block size): Pillow's own row copy (the core image's paste) into a
+    buffer from the extension's recycling allocator, which a PIL image made by ``frombuffer``
+    shares. 7 ms for a 4032x3024 photo here, against 36 ms for ``np.asarray`` (Pillow's
+    ``tobytes``, which also packs RGBX to RGB). None where this Pillow refuses any step."""
+    width, height = image.size
+    try:
+        buffer = torch.ops.nvlm_C.host_buffer(width * height * 4)
+        target = Image.frombuffer("RGBX", (width, height), buffer.numpy(), "raw", "RGBX", 0, 1)
+        target.im.paste(image.im, (0, 0, width, height))
+    except Exception:  # another Pillow's internals, or no extension: the export copy instead
+        return None
+    return buffer.view(height, width, 4)
+
+
 def pil_pixels(image) -> torch.Tensor:
     """uint8 [H, W, 3 or 4] of a PIL RGB image: Pillow's RGBX memory itself where it can be
     shared, else one copy."""
     if image.mode == "RGB":
         view = _pil_arrow_view(image)
+        if view is None:
+            view = _pil_row_copy(image)
         if view is not None:
             return view
     array = to_rgb_array(image)  # np.asarray: Pillow's tobytes, read-only

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -648,7 +651,8 @@ def test_host_kernel_modes(host_isa, mode):
 
 def test_pil_pixels_are_shared_when_pillow_allows(monkeypatch):
     """One-block PIL images are read in place through Pillow's Arrow export (RGBX, no copy);
-    images in several blocks, or Pillows without the export, take one copy. Same bytes either way."""
+    images in several blocks are copied row by row by Pillow into a recycled buffer (RGBX); a
+    Pillow that allows neither gives its RGB export copy. Same bytes every way."""
     from nvlm_kernels.preprocess import cuda as host
 
     require_backend(OP, "cuda", "cpu")
@@ -661,13 +665,35 @@ def test_pil_pixels_are_shared_when_pillow_allows(monkeypatch):
     try:
         Image.core.set_block_size(4096)  # a 97x45 RGBX image now spans several blocks
         split = random_image(97, 45, seed=4, smooth=True)
-        assert np.array_equal(host.pil_pixels(split)[..., :3].numpy(), expected)
+        with pytest.raises(ValueError, match="multiple"):
+            split.__arrow_c_array__()
+        copied = host.pil_pixels(split)
+        assert copied.shape == (45, 97, 4) and np.array_equal(copied[..., :3].numpy(), expected)
         out, _ = nk.preprocess_images([split, image], tile_size=28)
+        monkeypatch.setattr(Image, "frombuffer", None)  # a Pillow whose internals differ
+        assert np.array_equal(host.pil_pixels(split).numpy(), expected)
     finally:
         Image.core.set_block_size(block_size)
     assert torch.equal(out, torch.cat([internvl_pipeline(image, size=28)] * 2))
     monkeypatch.setattr(type(image), "__arrow_c_array__", None, raising=False)  # an older Pillow
     assert host.pil_pixels(image).shape[-1] == 3
+
+
+def test_host_cache_setting_is_checked():
+    """NVLM_KERNELS_HOST_CACHE_MB (the recycling allocator's limit) is read at the host kernel's
+    first call; a bad value is an error that names it."""
+    require_backend(OP, "cuda", "cpu")
+    script = (
+        "import numpy as np, nvlm_kernels as nk\n"
+        "try:\n"
+        "    nk.preprocess_images([np.zeros((900, 600, 3), np.uint8)])\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, NVLM_KERNELS_HOST_CACHE_MB="lots")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "NVLM_KERNELS_HOST_CACHE_MB must be a number of megabytes" in result.stdout
 
 
 def test_host_kernel_bad_options(monkeypatch):
