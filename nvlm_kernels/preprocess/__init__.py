@@ -89,7 +89,9 @@ def preprocess_images(
         mean, std: per-channel normalization (ImageNet's by default, as NVLM).
         dtype: float32, float16 or bfloat16 (computed in float32, rounded once).
         num_threads: CPU path threads (default: torch's thread count, ``torch.get_num_threads()``;
-            the host kernel splits a single image's rows across them too).
+            the host kernel splits a single image's rows across them too). The host kernel's
+            helpers are torch's inter-op threads, so it uses at most
+            ``1 + torch.get_num_interop_threads()``.
         pillow_version: which Pillow's pass order the compiled kernels copy (default: the
             installed Pillow's; pillow-resample.md §3).
         memory_format: ``torch.contiguous_format`` or ``torch.channels_last`` (the compiled
