@@ -245,41 +245,6 @@ struct Unit {
   int64_t cost;
 };
 
-// Intermediate images, kept between calls: fresh pages for tens of MB per call (zeroed by the
-// kernel on first touch) cost as much as a pass. A call leases the largest free buffer; at most
-// four buffers of at most kKeepBytes stay.
-class ScratchPool {
- public:
-  struct Lease {
-    ScratchPool* pool;
-    std::vector<uint8_t> buffer;
-    ~Lease() { pool->give_back(std::move(buffer)); }
-  };
-  Lease take(int64_t bytes) {
-    std::vector<uint8_t> buffer;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!free_.empty()) {
-        buffer = std::move(free_.back());
-        free_.pop_back();
-      }
-    }
-    if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
-    return Lease{this, std::move(buffer)};
-  }
-
- private:
-  void give_back(std::vector<uint8_t>&& buffer) {
-    if (buffer.size() > kKeepBytes) return;  // a huge batch's intermediates are not kept
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (free_.size() < 4) free_.push_back(std::move(buffer));
-    std::sort(free_.begin(), free_.end(), [](const auto& a, const auto& b) { return a.size() < b.size(); });
-  }
-  static constexpr size_t kKeepBytes = size_t{64} << 20;  // four 12-megapixel photos
-  std::mutex mutex_;
-  std::vector<std::vector<uint8_t>> free_;
-};
-
 // Per-worker buffers, kept between calls (no fresh pages per call; the buffers' stale bytes only
 // ever feed lanes whose results are dropped): a worker leases one set and gives it back.
 class HostScratchPool {
@@ -448,9 +413,10 @@ void run_host(const ResizePlan& plan, const std::vector<at::Tensor>& images, con
       base = top;
     }
   }
-  static ScratchPool pool;
-  ScratchPool::Lease lease = pool.take(lease_bytes);
-  uint8_t* mid = lease.buffer.data();
+  // Kept between calls by the recycling allocator (fresh pages for tens of MB, zeroed by the
+  // kernel on first touch, cost as much as a pass).
+  const c10::DataPtr lease = RecyclingHostAllocator::get().allocate(lease_bytes);
+  uint8_t* mid = static_cast<uint8_t*>(lease.get());
   for (size_t w = 0, begin = 0; w < wave_end.size(); begin = wave_end[w++]) {
     std::vector<PassGroup> firsts, seconds;
     std::vector<int64_t> first_group_of_image(images.size(), -1);
