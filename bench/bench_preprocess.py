@@ -5,7 +5,8 @@ Providers (images/s over a batch; decoding is not in them, as in targets.md row 
 per tile) on one core, from PIL images: the baseline; ``cpu-1`` — our CPU path (the C++ host
 kernel where the extension is built) on one thread, from the decoded uint8 arrays; ``cpu-1-pil`` —
 the same from the PIL images (Pillow's pixels read in place when they lie in one memory block,
-else one export copy: ``PILLOW_BLOCK_SIZE=64m`` makes photos one block); ``cpu-all`` — a thread
+else copied by Pillow's row copy into a recycled buffer; ``PILLOW_BLOCK_SIZE=64m`` makes photos
+one block); ``cpu-all`` — a thread
 per core; ``cpu-pillow-1`` — our Pillow-based path (the ``reference`` backend) on one thread;
 ``hf-fast`` — transformers' fast InternVL image processor (torchvision; not bit-exact with the
 pipeline, so unchecked) where installed; ``decode`` — Pillow decoding the batch as JPEG
@@ -16,6 +17,7 @@ Targets: issue 18 (one core: >= 4x the pipeline at 1920x1080 and 4032x3024, >= 3
 and 448x448; N threads >= 0.8·N x one thread) and targets.md e (the GPU path >= 20x one core).
 
     python bench/bench_preprocess.py
+    make bench-preprocess        # in .venv-vllm, where torchvision makes the hf-fast row run
 """
 
 from __future__ import annotations

@@ -78,16 +78,21 @@ inline __m128i spread_pixels(__m128i v) {  // 4 pixels of 3 bytes -> 4 dwords (b
 inline __m128i pack_pixels(__m128i v) {  // 4 dwords -> 4 pixels of 3 bytes, then 4 zero bytes
   return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
 }
-inline void transpose_4x4(__m128i& a, __m128i& b, __m128i& c, __m128i& d) {
-  const __m128i ab_lo = _mm_unpacklo_epi32(a, b), ab_hi = _mm_unpackhi_epi32(a, b);
-  const __m128i cd_lo = _mm_unpacklo_epi32(c, d), cd_hi = _mm_unpackhi_epi32(c, d);
-  a = _mm_unpacklo_epi64(ab_lo, cd_lo);
-  b = _mm_unpackhi_epi64(ab_lo, cd_lo);
-  c = _mm_unpacklo_epi64(ab_hi, cd_hi);
-  d = _mm_unpackhi_epi64(ab_hi, cd_hi);
-}
 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline void store16(uint8_t* p, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+// Four 16-byte loads at src + i · src_step (pixels of 3 bytes, or of 4 when !spread), the 4x4
+// transpose of their first four pixels, and four 16-byte stores of 3-byte pixels at
+// dst + i · dst_step (each one's last 4 bytes are zeros for a later store to overwrite).
+inline void move_block_4x4(const uint8_t* src, int64_t src_step, bool spread, uint8_t* dst, int64_t dst_step) {
+  __m128i a = load16(src), b = load16(src + src_step), c = load16(src + 2 * src_step), d = load16(src + 3 * src_step);
+  if (spread) a = spread_pixels(a), b = spread_pixels(b), c = spread_pixels(c), d = spread_pixels(d);
+  const __m128i ab_lo = _mm_unpacklo_epi32(a, b), ab_hi = _mm_unpackhi_epi32(a, b);
+  const __m128i cd_lo = _mm_unpacklo_epi32(c, d), cd_hi = _mm_unpackhi_epi32(c, d);
+  store16(dst, pack_pixels(_mm_unpacklo_epi64(ab_lo, cd_lo)));
+  store16(dst + dst_step, pack_pixels(_mm_unpackhi_epi64(ab_lo, cd_lo)));
+  store16(dst + 2 * dst_step, pack_pixels(_mm_unpacklo_epi64(ab_hi, cd_hi)));
+  store16(dst + 3 * dst_step, pack_pixels(_mm_unpackhi_epi64(ab_hi, cd_hi)));
+}
 #endif
 
 // columns[x · kColumnStride + r · 3 + c] = pixel x, channel c of row r, for x in [x0, x1), r < rows.
@@ -99,16 +104,9 @@ inline void transpose_rows(const HostImage& src, int32_t y0, int32_t rows, int32
   const int32_t load_end = std::min(x1, src.width - (step == 4 ? 0 : 2));
   for (; simd_end + 4 <= load_end; simd_end += 4) {
     const int32_t x = simd_end;
-    for (int32_t r = 0; r + 4 <= rows; r += 4) {
-      const uint8_t* p = src.data + (y0 + r) * src.stride + x * step;
-      __m128i a = load16(p), b = load16(p + src.stride), c = load16(p + 2 * src.stride), d = load16(p + 3 * src.stride);
-      if (step == 3) a = spread_pixels(a), b = spread_pixels(b), c = spread_pixels(c), d = spread_pixels(d);
-      transpose_4x4(a, b, c, d);  // now pixel x + i of the four rows
-      uint8_t* column = columns + x * kColumnStride + r * 3;
-      store16(column, pack_pixels(a));
-      store16(column + kColumnStride, pack_pixels(b));
-      store16(column + 2 * kColumnStride, pack_pixels(c));
-      store16(column + 3 * kColumnStride, pack_pixels(d));
+    for (int32_t r = 0; r + 4 <= rows; r += 4) {  // rows r..r+3 of pixels x..x+3 -> their columns
+      move_block_4x4(src.data + (y0 + r) * src.stride + x * step, src.stride, step == 3,
+                     columns + x * kColumnStride + r * 3, kColumnStride);
     }
   }
 #endif
@@ -146,16 +144,8 @@ inline void horizontal_rows(const uint8_t* columns, const HostPass& pass, int32_
   // loads read 4 bytes past a pixel's kLanes (the next pixel's, or the buffer's slack).
   for (; simd_end + 6 <= pass.size; simd_end += 4) {
     const int32_t x = simd_end;
-    for (int32_t r = 0; r + 4 <= rows; r += 4) {
-      const uint8_t* p = packed + x * kLanes + r * 3;
-      __m128i a = spread_pixels(load16(p)), b = spread_pixels(load16(p + kLanes));
-      __m128i c = spread_pixels(load16(p + 2 * kLanes)), d = spread_pixels(load16(p + 3 * kLanes));
-      transpose_4x4(a, b, c, d);  // now row r + i of the four pixels
-      uint8_t* o = out + r * out_stride + x * 3;
-      store16(o, pack_pixels(a));
-      store16(o + out_stride, pack_pixels(b));
-      store16(o + 2 * out_stride, pack_pixels(c));
-      store16(o + 3 * out_stride, pack_pixels(d));
+    for (int32_t r = 0; r + 4 <= rows; r += 4) {  // pixels x..x+3 of rows r..r+3 -> the rows
+      move_block_4x4(packed + x * kLanes + r * 3, kLanes, true, out + r * out_stride + x * 3, out_stride);
     }
   }
 #endif
