@@ -86,13 +86,7 @@ def _tensor_hwc(tensor: torch.Tensor, index: int) -> torch.Tensor:
 
 def load_image(image, index: int = 0):
     """A PIL RGB image or a uint8 tensor [H, W, C] view (see the module docstring)."""
-    if Image is not None and isinstance(image, Image.Image):
-        return _to_rgb(image, index)
-    if isinstance(image, (str, os.PathLike)):
-        return _to_rgb(_open_pil(os.fspath(image), index, f"file {os.fspath(image)!r}"), index)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _to_rgb(_open_pil(io.BytesIO(bytes(image)), index, "bytes"), index)
-    if isinstance(image, torch.Tensor):
+    if isinstance(image, torch.Tensor):  # tensors and arrays first: a server's usual input
         return _tensor_hwc(image, index)
     if isinstance(image, np.ndarray):
         # shared, never copied (a decoded 12-megapixel photo is 36 MB): torch only warns about
@@ -104,6 +98,12 @@ def load_image(image, index: int = 0):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             return _tensor_hwc(torch.from_numpy(array), index)
+    if Image is not None and isinstance(image, Image.Image):
+        return _to_rgb(image, index)
+    if isinstance(image, (str, os.PathLike)):
+        return _to_rgb(_open_pil(os.fspath(image), index, f"file {os.fspath(image)!r}"), index)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _to_rgb(_open_pil(io.BytesIO(bytes(image)), index, "bytes"), index)
     if hasattr(image, "__dlpack__"):
         try:
             tensor = torch.from_dlpack(image)
