@@ -135,6 +135,7 @@ def _pil_row_copy(image) -> torch.Tensor | None:
     ``tobytes``, which also packs RGBX to RGB). None where this Pillow refuses any step."""
     width, height = image.size
     try:
+        image.load()  # an Image.open result holds no pixels until loaded
         buffer = torch.ops.nvlm_C.host_buffer(width * height * 4)
         target = Image.frombuffer("RGBX", (width, height), buffer.numpy(), "raw", "RGBX", 0, 1)
         target.im.paste(image.im, (0, 0, width, height))

@@ -670,6 +670,14 @@ def test_pil_pixels_are_shared_when_pillow_allows(monkeypatch):
         copied = host.pil_pixels(split)
         assert copied.shape == (45, 97, 4) and np.array_equal(copied[..., :3].numpy(), expected)
         out, _ = nk.preprocess_images([split, image], tile_size=28)
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG")
+        for arrow in (True, False):  # Image.open holds no pixels until loaded; the copy loads them
+            lazy = Image.open(io.BytesIO(encoded.getvalue()))
+            if not arrow:  # a Pillow without the Arrow export (which loads the image itself)
+                monkeypatch.setattr(type(lazy), "__arrow_c_array__", None, raising=False)
+            from_lazy = host.pil_pixels(lazy)
+            assert from_lazy.shape == (45, 97, 4) and np.array_equal(from_lazy[..., :3].numpy(), expected)
         monkeypatch.setattr(Image, "frombuffer", None)  # a Pillow whose internals differ
         assert np.array_equal(host.pil_pixels(split).numpy(), expected)
     finally:
