@@ -601,6 +601,21 @@ def test_host_kernel_transposition_edges(host_isa):
             assert torch.equal(out, expected), (host_isa, tile_size, threads)
 
 
+def test_host_kernel_concurrent_calls():
+    """Calls from several Python threads at once (a server's frontend): each keeps its own
+    output and scratch (recycled blocks, inter-op pool tasks), and gives the serial bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    require_backend(OP, "cuda", "cpu")
+    batches = [[random_image(260 + 40 * k, 180 + 10 * j, seed=k * 7 + j) for j in range(2)] for k in range(4)]
+    expected = [_reference(batch, tile_size=56) for batch in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            futures = [pool.submit(nk.preprocess_images, batch, tile_size=56, num_threads=2) for batch in batches]
+            for future, want in zip(futures, expected, strict=True):
+                assert torch.equal(future.result()[0], want)
+
+
 def test_host_kernel_recycles_its_output():
     """A freed output is the next call's (no fresh pages per call), and every byte of it is
     rewritten: the first output is poisoned before it is freed."""
