@@ -226,14 +226,20 @@ def _softmax_step(s, v, m_i, l_i, acc, col_factor, col_ok, qk_scale, QK_NORM: tl
 
 
 @triton.jit
-def _held_queries(Q, RstdQ, Wq, Wk, t, h, offs_m, offs_d, m_mask, d_mask, stride_qt, stride_qs, stride_qh, stride_qd, S,
-                  HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):  # fmt: skip
-    """The query block a program holds (padding reads 0); with QK_NORM pre-scaled by rstd_q · w_q · w_k
-    (triton.py's ``_prescale``)."""
+def _query_block(Q, RstdQ, Wq, Wk, stride_qt, stride_qs, stride_qh, stride_qd, S, H, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, QK_NORM: tl.constexpr):  # fmt: skip
+    """The (tile, head) and query block this program holds: (t, h, offs_m, offs_d, m_mask, d_mask,
+    q), q read with padding 0 and, with QK_NORM, pre-scaled by rstd_q · w_q · w_k (triton.py's
+    ``_prescale``)."""
+    pid_m, t, h = _sm80._block_tile_head(S, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < S
+    d_mask = offs_d < HEAD_DIM
     q = _sm80._load_block(Q + t * stride_qt + h * stride_qh, offs_m, stride_qs, offs_d, stride_qd, m_mask, d_mask)
     if QK_NORM:
         q = _sm80._prescale(q, RstdQ, t * S, offs_m, m_mask, Wq, Wk, h * HEAD_DIM, offs_d, d_mask)
-    return q
+    return t, h, offs_m, offs_d, m_mask, d_mask, q
 
 
 @_autotune(FWD_TABLE)
@@ -252,14 +258,9 @@ def _vit_hopper_fwd_kernel(
     """One block of BLOCK_M queries of one (tile, head): the full key blocks unmasked (K_desc and
     V_desc: TMA descriptors over K and V when USE_TMA, else unused), then the tail of S mod BLOCK_N
     keys in one masked block of TAIL_N."""
-    pid_m, t, h = _sm80._block_tile_head(S, H, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < S
-    d_mask = offs_d < HEAD_DIM
+    t, h, offs_m, offs_d, m_mask, d_mask, q = _query_block(Q, RstdQ, Wq, Wk, stride_qt, stride_qs, stride_qh, stride_qd,
+                                                           S, H, HEAD_DIM, BLOCK_D, BLOCK_M, QK_NORM)  # fmt: skip
     rstd_base = t * S
-    q = _held_queries(Q, RstdQ, Wq, Wk, t, h, offs_m, offs_d, m_mask, d_mask, stride_qt, stride_qs, stride_qh,
-                      stride_qd, S, HEAD_DIM, QK_NORM)  # fmt: skip
     k_base = K + t * stride_kt + h * stride_kh
     v_base = V + t * stride_vt + h * stride_vh
 
@@ -476,14 +477,9 @@ def _vit_hopper_bwd_dq_kernel(
     """The deterministic mode's dQ of one block of BLOCK_M queries: the full key blocks mask-free
     (K and V by TMA), then the key tail in one masked block of TAIL_N. With QK_NORM, DQ (float32)
     is the gradient of the normalized q."""
-    pid_m, t, h = _sm80._block_tile_head(S, H, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < S
-    d_mask = offs_d < HEAD_DIM
+    t, h, offs_m, offs_d, m_mask, d_mask, q = _query_block(Q, RstdQ, Wq, Wk, stride_qt, stride_qs, stride_qh, stride_qd,
+                                                           S, H, HEAD_DIM, BLOCK_D, BLOCK_M, QK_NORM)  # fmt: skip
     rstd_base = t * S
-    q = _held_queries(Q, RstdQ, Wq, Wk, t, h, offs_m, offs_d, m_mask, d_mask, stride_qt, stride_qs, stride_qh,
-                      stride_qd, S, HEAD_DIM, QK_NORM)  # fmt: skip
     do = _sm80._load_block(DO + t * stride_dot + h * stride_doh, offs_m, stride_dos, offs_d, stride_dod, m_mask, d_mask)
     row_base = (t * H + h) * S
     lse = tl.load(Lse + row_base + offs_m, mask=m_mask, other=float("inf"))
