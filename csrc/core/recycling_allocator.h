@@ -19,7 +19,9 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+#include <optional>
 
+#include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
@@ -112,5 +114,12 @@ class RecyclingHostAllocator final : public c10::Allocator {
   std::deque<Block*> free_;  // oldest first
   size_t kept_ = 0;
 };
+
+// An uninitialized CPU tensor whose storage comes from RecyclingHostAllocator.
+inline at::Tensor recycled_host_empty(at::IntArrayRef sizes, at::ScalarType dtype,
+                                      std::optional<at::MemoryFormat> memory_format = std::nullopt) {
+  return at::detail::empty_generic(sizes, &RecyclingHostAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, memory_format);
+}
 
 }  // namespace nvlm

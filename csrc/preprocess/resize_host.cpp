@@ -18,7 +18,6 @@
 #include <vector>
 
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -501,9 +500,8 @@ at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::
   for (int64_t j = 0; j < job_table.size(0); ++j) image_of_job.push_back(rows[j * kJobFields]);
   const int64_t threads = num_threads == 0 ? at::get_num_threads() : std::min<int64_t>(num_threads, at::get_num_threads());
   // Every byte is written below; a freed output of an earlier call is reused (recycling_allocator.h).
-  at::Tensor out = at::detail::empty_generic(
-      {total_tiles, 3, tile_size, tile_size}, &RecyclingHostAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-      dtype, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = recycled_host_empty({total_tiles, 3, tile_size, tile_size}, dtype,
+                                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const TileLayout layout = tile_layout(static_cast<int32_t>(tile_size), channels_last);
   const float* values = table.const_data_ptr<float>();
   NVLM_DISPATCH_TILE_DTYPES(dtype, "resize_to_tiles_cpu", [&] {
@@ -516,8 +514,7 @@ at::Tensor resize_to_tiles_cpu(const std::vector<at::Tensor>& images, const at::
 
 at::Tensor host_buffer(int64_t nbytes) {
   NVLM_CHECK_ARG(nbytes >= 0, "nbytes", "must be >= 0, got ", nbytes);
-  return at::detail::empty_generic({nbytes}, &RecyclingHostAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   at::kByte, std::nullopt);
+  return recycled_host_empty({nbytes}, at::kByte);
 }
 
 }  // namespace
