@@ -28,7 +28,7 @@ import torch
 from nvlm_kernels import _backend, _nvtx
 from nvlm_kernels.preprocess import reference
 from nvlm_kernels.preprocess.images import ImageError, image_size, load_image
-from nvlm_kernels.preprocess.plan import TilePlan, candidate_grids, check_tiling_args, tile_plan
+from nvlm_kernels.preprocess.plan import TilePlan, _tile_plan, candidate_grids, check_tiling_args, tile_plan
 from nvlm_kernels.preprocess.tags import image_prompt, tile_tags
 
 OP = "preprocess"
@@ -119,16 +119,10 @@ def preprocess_images(
 
     with _nvtx.range(f"nvlm.kernels.{OP}.load"):
         loaded = [load_image(image, i) for i, image in enumerate(images)]
-    plans = [
-        tile_plan(
-            *image_size(image),
-            min_tiles=min_tiles,
-            max_tiles=max_tiles,
-            tile_size=tile_size,
-            use_thumbnail=use_thumbnail,
-        )
-        for image in loaded
-    ]
+    # tile_plan's rule without its argument checks per image (done once above; image sizes are
+    # positive ints, load_image checked them)
+    use_thumbnail = bool(use_thumbnail)
+    plans = [_tile_plan(*image_size(image), min_tiles, max_tiles, tile_size, use_thumbnail) for image in loaded]
     total = sum(plan.total for plan in plans)
     if total == 0:
         empty = torch.empty((0, 3, tile_size, tile_size), dtype=dtype, device=device)

@@ -13,6 +13,7 @@ from pinned memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import warnings
 
@@ -22,7 +23,7 @@ import torch
 from nvlm_kernels import _extension
 from nvlm_kernels.preprocess.images import Image, to_rgb_array
 from nvlm_kernels.preprocess.plan import TilePlan
-from nvlm_kernels.preprocess.resample import axis_coefficients, vertical_first
+from nvlm_kernels.preprocess.resample import axis_coefficients, installed_pillow_version, vertical_first
 
 AXIS_NONE, AXIS_VERTICAL, AXIS_HORIZONTAL = -1, 0, 1
 ISA_ENV_VAR = "NVLM_KERNELS_PREPROCESS_ISA"
@@ -83,6 +84,26 @@ def job_rows(
     row += [second_axis, second_window, second_offset, tile_base, w_out // tile_size]
     assert len(row) == JOB_FIELDS
     return row
+
+
+@functools.lru_cache(maxsize=256)  # a server sees the same few batches of photo sizes again and again
+def job_plan(plans: tuple[TilePlan, ...], pillow_version: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(job table, coefficients, total tiles) of a batch: per image a job for its tile grid and one
+    for its thumbnail. Cached: the kernels only read the two tensors, and callers must not write
+    to them."""
+    coefficients = _CoefficientBuffer()
+    rows: list[list[int]] = []
+    tile = 0
+    for index, plan in enumerate(plans):
+        size = (plan.width, plan.height)
+        rows.append(job_rows(index, size, plan.resized_size, tile, plan.tile_size, coefficients, pillow_version))
+        tile += plan.num_tiles
+        if plan.has_thumbnail:
+            thumb = (plan.tile_size, plan.tile_size)
+            rows.append(job_rows(index, size, thumb, tile, plan.tile_size, coefficients, pillow_version))
+            tile += 1
+    job_table = torch.from_numpy(np.array(rows, dtype=np.int64))  # torch.tensor of lists is slower
+    return job_table, coefficients.tensor(), tile
 
 
 class _ArrowArray(ctypes.Structure):
@@ -191,24 +212,14 @@ def preprocess(
     _extension.require()
     isa = host_isa() if device.type == "cpu" else -1
     tensors = [_as_device_tensor(image, device) for image in images]
-    coefficients = _CoefficientBuffer()
-    rows: list[list[int]] = []
-    tile = 0
-    for index, plan in enumerate(plans):
-        size = (plan.width, plan.height)
-        rows.append(job_rows(index, size, plan.resized_size, tile, plan.tile_size, coefficients, pillow_version))
-        tile += plan.num_tiles
-        if plan.has_thumbnail:
-            thumb = (plan.tile_size, plan.tile_size)
-            rows.append(job_rows(index, size, thumb, tile, plan.tile_size, coefficients, pillow_version))
-            tile += 1
-    job_table = torch.from_numpy(np.array(rows, dtype=np.int64))  # torch.tensor of lists is slower
+    # the version resolved before the cache: the key then names the pass order it holds
+    job_table, coefficients, total_tiles = job_plan(tuple(plans), pillow_version or installed_pillow_version())
     return torch.ops.nvlm_C.resize_to_tiles(
         tensors,
         job_table,
-        coefficients.tensor(),
+        coefficients,
         table.to(device),
-        tile,
+        total_tiles,
         plans[0].tile_size,
         dtype,
         channels_last=channels_last,

@@ -653,6 +653,29 @@ def test_host_kernel_dtypes_layouts_and_inputs(host_isa, dtype, memory_format):
     assert torch.equal(out, expected.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_host_kernel_same_size_tiles(host_isa, dtype, memory_format):
+    """Images already of their grid's size skip resampling: their rows go straight into the tiles
+    (3- and 4-byte pixels, padded rows, a PIL image's RGBX memory), beside a resized thumbnail."""
+    images = [random_image(w, h, seed=w + h) for w, h in ((28, 28), (56, 28), (28, 84))]
+    rgb = [torch.from_numpy(np.array(image)) for image in images]
+    inputs = [
+        rgb[0],
+        torch.cat([rgb[1], rgb[1][..., :1]], -1),  # RGBA: 4 bytes per pixel
+        torch.from_numpy(np.pad(np.array(images[2]), ((0, 0), (0, 5), (0, 0))))[:, :28],  # padded rows
+        images[1],  # Pillow's RGBX memory
+    ]
+    expected = _reference([images[0], images[1], images[2], images[1]], tile_size=28)
+    for threads in (1, 2):
+        out, plans = nk.preprocess_images(
+            inputs, tile_size=28, dtype=dtype, memory_format=memory_format, num_threads=threads
+        )
+        assert [plan.resized_size for plan in plans] == [(28, 28), (56, 28), (28, 84), (56, 28)]
+        assert out.is_contiguous(memory_format=memory_format)
+        assert torch.equal(out, expected.to(dtype)), (host_isa, threads)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_host_kernel_modes(host_isa, mode):
     image = random_image(50, 70, seed=3, smooth=True)
