@@ -90,7 +90,12 @@ def job_rows(
 def job_plan(plans: tuple[TilePlan, ...], pillow_version: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(job table, coefficients, total tiles) of a batch: per image a job for its tile grid and one
     for its thumbnail. Cached: the kernels only read the two tensors, and callers must not write
-    to them."""
+    to them; never inference tensors, whatever mode the first caller was in."""
+    with torch.inference_mode(False):
+        return _job_plan(plans, pillow_version)
+
+
+def _job_plan(plans: tuple[TilePlan, ...], pillow_version: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     coefficients = _CoefficientBuffer()
     rows: list[list[int]] = []
     tile = 0

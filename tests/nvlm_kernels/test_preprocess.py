@@ -517,6 +517,11 @@ def test_cpu_path_threads_under_inference_mode():
     with torch.inference_mode():
         got, _ = nk.preprocess_images(images, tile_size=56, num_threads=2)
     assert got.is_inference() and torch.equal(got, want)
+    # a batch first seen under inference mode: its cached job table serves a later normal call
+    with torch.inference_mode():
+        first, _ = nk.preprocess_images(images[:1], tile_size=40)
+    again, _ = nk.preprocess_images(images[:1], tile_size=40)
+    assert not again.is_inference() and torch.equal(again, first)
 
 
 # --------------------------------------------------------------------------------------------------
