@@ -6,12 +6,12 @@ per tile) on one core, from PIL images: the baseline; ``cpu-1`` — our CPU path
 kernel where the extension is built) on one thread, from the decoded uint8 arrays; ``cpu-1-pil`` —
 the same from the PIL images (Pillow's pixels read in place when they lie in one memory block,
 else copied by Pillow's row copy into a recycled buffer; ``PILLOW_BLOCK_SIZE=64m`` makes photos
-one block); ``cpu-all`` — a thread
-per core; ``cpu-pillow-1`` — our Pillow-based path (the ``reference`` backend) on one thread;
-``hf-fast`` — transformers' fast InternVL image processor (torchvision; not bit-exact with the
-pipeline, so unchecked) where installed; ``decode`` — Pillow decoding the batch as JPEG
-(quality 90; libjpeg-turbo), the time a server spends before any of the above; ``cuda`` — our
-kernels from uint8 tensors already on the GPU; ``cuda-from-host`` — the same from host arrays.
+one block); ``cpu-all`` — a thread per core; ``cpu-pillow-1`` — our Pillow-based path (the
+``reference`` backend) on one thread; ``hf-fast`` — transformers' fast InternVL image processor
+(torchvision; not bit-exact with the pipeline, so unchecked) where installed; ``decode`` — Pillow
+decoding the batch as JPEG (quality 90; libjpeg-turbo), the time a server spends before any of the
+above; ``cuda`` — our kernels from uint8 tensors already on the GPU; ``cuda-from-host`` — the same
+from host arrays.
 A ``1 x 4032x3024`` shape times one large image, whose rows the threads share.
 Targets: issue 18 (one core: >= 4x the pipeline at 1920x1080 and 4032x3024, >= 3x at 1024x768
 and 448x448; N threads >= 0.8·N x one thread) and targets.md e (the GPU path >= 20x one core).

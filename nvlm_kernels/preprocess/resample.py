@@ -79,7 +79,7 @@ def axis_coefficients(in_size: int, out_size: int) -> AxisCoefficients:
     return AxisCoefficients(in_size, out_size, start.astype(np.int32), taps.astype(np.int32), fixed)
 
 
-@functools.lru_cache(maxsize=64)  # parsed on every job of every call otherwise
+@functools.lru_cache(maxsize=64)  # parsed for every job of a batch otherwise (and by the reference path)
 def _version_tuple(version: str) -> tuple[int, int]:
     parts = version.split(".")
     return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
